@@ -1,0 +1,3 @@
+"""chathub: a streaming, real-time chat backend for LLM conversations."""
+
+__version__ = "0.1.0"

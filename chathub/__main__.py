@@ -1,0 +1,3 @@
+from chathub.cli import main
+
+raise SystemExit(main())

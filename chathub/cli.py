@@ -1,0 +1,104 @@
+"""The ``chathub`` command: serve, migrate, bootstrap a team."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from chathub.config import ConfigError, Settings
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from chathub.server.app import create_app
+
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"chathub: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level,
+        ws_max_size=settings.ws_max_frame_bytes,
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _db_upgrade(_args: argparse.Namespace, settings: Settings) -> int:
+    from chathub.storage.migrate import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    print("database is up to date")
+    return 0
+
+
+async def _bootstrap(team: str, email: str, name: str, settings: Settings) -> dict[str, str]:
+    from chathub.storage.db import create_engine, create_sessionmaker, transaction
+    from chathub.storage.repositories import teams
+
+    engine = create_engine(settings.resolved_database_url)
+    try:
+        async with transaction(create_sessionmaker(engine)) as db:
+            row = await teams.create_team(db, name=team)
+            owner = await teams.add_member(db, team_id=row.id, email=email, name=name, role="owner")
+            key = await teams.create_api_key(
+                db, team_id=row.id, member_id=owner.id, name="bootstrap", role="owner"
+            )
+        return {"team_id": row.id, "user_id": owner.id, "api_key": key.secret}
+    finally:
+        await engine.dispose()
+
+
+def _admin_bootstrap(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.embedded:
+        _db_upgrade(args, settings)
+    created = asyncio.run(_bootstrap(args.team, args.email, args.name or "", settings))
+    print(f"team {args.team!r} created with owner {args.email}; the API key is shown once")
+    print(json.dumps(created))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chathub", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=_serve)
+
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    up = db_sub.add_parser("upgrade", help="apply migrations to CHATHUB_DATABASE_URL")
+    up.set_defaults(func=_db_upgrade)
+
+    admin = sub.add_parser("admin", help="administration")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    boot = admin_sub.add_parser("bootstrap", help="create a team, its owner and an API key")
+    boot.add_argument("--team", required=True)
+    boot.add_argument("--email", required=True)
+    boot.add_argument("--name", default="")
+    boot.set_defaults(func=_admin_bootstrap)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = Settings()
+        result: int = args.func(args, settings)
+    except ConfigError as exc:
+        print(f"chathub: {exc}", file=sys.stderr)
+        return 2
+    return result

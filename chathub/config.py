@@ -1,0 +1,94 @@
+"""Settings, read from the environment (prefix ``CHATHUB_``) and nowhere else.
+
+The embedded default needs no configuration at all: a SQLite file and a JWT
+secret under ``data_dir``, an in-process bus and the local model. Setting
+``CHATHUB_DATABASE_URL`` to PostgreSQL (or ``CHATHUB_REDIS_URL``) leaves the
+embedded default, and then a real JWT secret is required.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_JWT_SECRET = "change-me"
+
+
+class ConfigError(RuntimeError):
+    """The settings cannot run a server; the message says what to change."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATHUB_", extra="ignore")
+
+    data_dir: Path = Path("./chathub-data")
+    database_url: str | None = None
+    redis_url: str | None = None
+    llm: str = "local://"
+
+    jwt_secret: SecretStr | None = None
+    jwt_algorithm: Literal["HS256", "RS256"] = "HS256"
+    jwt_private_key_file: Path | None = None
+    jwt_public_key_file: Path | None = None
+    jwt_audience: str = "chathub"
+    jwt_issuer: str = "chathub"
+    jwt_ttl_s: int = Field(default=3600, ge=60, le=86400)
+
+    max_file_bytes: int = Field(default=25 * 1024 * 1024, ge=1)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    log_level: str = "info"
+
+    # WebSocket transport
+    allowed_origins: list[str] = Field(default_factory=list)
+    ws_max_frame_bytes: int = 64 * 1024
+    ws_auth_timeout_s: float = 10.0
+    ws_heartbeat_s: float = 20.0
+    ws_send_queue: int = 1024
+    ws_max_connections_per_user: int = 0
+
+    # Replies
+    coalesce_ms: float = 30.0
+    coalesce_chars: int = 512
+    session_log_length: int = 10_000
+    session_log_ttl_s: int = 86_400
+    reply_timeout_s: float = 300.0
+    lease_ttl_s: float = 10.0
+
+    @property
+    def embedded(self) -> bool:
+        """True when running on the no-configuration defaults (SQLite file)."""
+        return self.database_url is None or self.database_url.startswith("sqlite")
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'chathub.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    def jwt_signing_secret(self) -> str:
+        """The HS256 secret. On the embedded default a random one is kept in
+        ``data_dir``; anywhere else a missing or default secret is refused."""
+        if self.jwt_secret is not None and self.jwt_secret.get_secret_value() not in (
+            "",
+            DEFAULT_JWT_SECRET,
+        ):
+            return self.jwt_secret.get_secret_value()
+        if not self.embedded:
+            raise ConfigError(
+                "CHATHUB_JWT_SECRET must be set to a strong random value "
+                "when CHATHUB_DATABASE_URL points at a shared database"
+            )
+        path = self.data_dir / "jwt-secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
+        return path.read_text().strip()

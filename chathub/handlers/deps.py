@@ -1,0 +1,101 @@
+"""Request dependencies, as ``Annotated`` aliases used by every route."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends, Header, Query, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chathub.auth import Principal, looks_like_api_key
+from chathub.errors import Forbidden, Unauthorized
+from chathub.server.state import AppState
+from chathub.storage.repositories import teams
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.state.chathub
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+async def get_db(state: StateDep) -> AsyncIterator[AsyncSession]:
+    """One transaction per request: committed when the route returns,
+    rolled back when it raises."""
+    async with state.sessionmaker() as session, session.begin():
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_db, scope="function")]
+
+
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise Unauthorized("missing Authorization header")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Authorization must be 'Bearer <token>'")
+    return token.strip()
+
+
+async def authenticate(state: AppState, db: AsyncSession, token: str) -> Principal:
+    """A principal from a JWT or an API key; the member must still exist."""
+    if looks_like_api_key(token):
+        found = await teams.find_active_key(db, token)
+        if found is None:
+            raise Unauthorized("unknown or revoked API key")
+        key, member = found
+        await teams.touch_api_key(db, key.id)
+        return Principal(
+            member_id=member.id, team_id=member.team_id, role=key.role, api_key_id=key.id
+        )
+    principal = state.tokens.verify(token)
+    if not await teams.member_is_active(
+        db, team_id=principal.team_id, member_id=principal.member_id
+    ):
+        raise Unauthorized("member no longer exists")
+    return principal
+
+
+async def current_principal(
+    state: StateDep,
+    db: SessionDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Principal:
+    return await authenticate(state, db, bearer_token(authorization))
+
+
+CurrentUser = Annotated[Principal, Depends(current_principal)]
+
+
+def require(minimum: str) -> Callable[..., Awaitable[Principal]]:
+    async def check(principal: CurrentUser) -> Principal:
+        if not principal.has_role(minimum):
+            raise Forbidden(f"this needs the {minimum} role or higher")
+        return principal
+
+    return check
+
+
+Viewer = CurrentUser
+MemberUser = Annotated[Principal, Depends(require("member"))]
+AdminUser = Annotated[Principal, Depends(require("admin"))]
+OwnerUser = Annotated[Principal, Depends(require("owner"))]
+
+
+class PageParams:
+    def __init__(
+        self,
+        limit: Annotated[int, Query(ge=1, le=100, description="page size")] = 20,
+        cursor: Annotated[
+            str | None, Query(max_length=512, description="opaque cursor from next_cursor")
+        ] = None,
+    ) -> None:
+        self.limit = limit
+        self.cursor = cursor
+
+
+PageDep = Annotated[PageParams, Depends()]

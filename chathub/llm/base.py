@@ -1,0 +1,121 @@
+"""The provider interface: one async stream of events per completion.
+
+    ProviderError (retryable: bool, code)
+    ├── ProviderRateLimited   retryable, code "rate_limited"
+    ├── ProviderOverloaded    retryable, code "overloaded"
+    ├── ProviderTimeout       retryable, code "timeout"
+    ├── ProviderConnection    retryable, code "connection"
+    └── ProviderRejected      not retryable, code "provider_rejected" (4xx: bad request, auth)
+
+SDK exceptions never leave ``chathub.llm``: each provider maps them here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Role = Literal["user", "assistant"]
+StopReason = Literal["end_turn", "max_tokens", "cancelled", "blocked", "error"]
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """What to send: a system prompt and alternating turns ending with the user's."""
+
+    turns: list[ChatTurn]
+    system: str = ""
+    model: str | None = None
+    temperature: float = 0.7
+    max_tokens: int = 1024
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    stop_reason: StopReason
+    usage: Usage = field(default_factory=Usage)
+
+
+StreamEvent = TextDelta | StreamEnd
+
+
+class ProviderError(Exception):
+    code: str = "provider_error"
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+
+class ProviderRateLimited(ProviderError):
+    code = "rate_limited"
+
+    def __init__(self, message: str = "provider rate limit") -> None:
+        super().__init__(message, retryable=True)
+
+
+class ProviderOverloaded(ProviderError):
+    code = "overloaded"
+
+    def __init__(self, message: str = "provider overloaded") -> None:
+        super().__init__(message, retryable=True)
+
+
+class ProviderTimeout(ProviderError):
+    code = "timeout"
+
+    def __init__(self, message: str = "provider timed out") -> None:
+        super().__init__(message, retryable=True)
+
+
+class ProviderConnection(ProviderError):
+    code = "connection"
+
+    def __init__(self, message: str = "cannot reach provider") -> None:
+        super().__init__(message, retryable=True)
+
+
+class ProviderRejected(ProviderError):
+    code = "provider_rejected"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
+class LLMProvider(Protocol):
+    """A streaming chat model.
+
+    ``stream`` yields zero or more :class:`TextDelta` then exactly one
+    :class:`StreamEnd`, or raises :class:`ProviderError`. Closing the iterator
+    early (``aclose``) stops generation promptly.
+    """
+
+    name: str
+    model: str
+
+    def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]: ...
+
+    async def ready(self) -> bool:
+        """Cheap readiness check (no tokens spent)."""
+        ...
+
+    async def aclose(self) -> None: ...

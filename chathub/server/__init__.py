@@ -1,0 +1,1 @@
+"""The running server: app factory, lifespan, hub, bus and metrics."""

@@ -1,0 +1,75 @@
+"""The app factory. Nothing is created at import time: ``create_app`` builds
+the app and its lifespan opens (and closes) every resource it uses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from chathub import __version__
+from chathub.auth import TokenCodec
+from chathub.config import Settings
+from chathub.server import problems
+from chathub.server.limits import MULTIPART_OVERHEAD, BodyLimit
+from chathub.server.state import AppState
+from chathub.storage.blobs import BlobStore
+from chathub.storage.db import create_engine, create_sessionmaker
+from chathub.storage.migrate import upgrade_async
+
+log = logging.getLogger("chathub")
+
+
+def create_app(settings: Settings | None = None, *, migrate: bool | None = None) -> FastAPI:
+    """Build the ASGI app. ``migrate`` defaults to True on the embedded
+    SQLite default, where no one else would run the migrations."""
+    settings = settings or Settings()
+    # Fail fast, before serving, on settings that cannot run.
+    tokens = TokenCodec(settings)
+    run_migrations = settings.embedded if migrate is None else migrate
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url = settings.resolved_database_url
+        if run_migrations:
+            await upgrade_async(url)
+        engine = create_engine(url)
+        state = AppState(
+            settings=settings,
+            engine=engine,
+            sessionmaker=create_sessionmaker(engine),
+            tokens=tokens,
+            blobs=BlobStore(settings.blob_dir),
+        )
+        app.state.chathub = state
+        try:
+            yield {"chathub": state}
+        finally:
+            if state.provider is not None:
+                await state.provider.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="chathub",
+        version=__version__,
+        summary="Streaming, real-time chat backend for LLM conversations",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+
+    def limit_for(path: str) -> int:
+        if path == "/files":
+            return settings.max_file_bytes + MULTIPART_OVERHEAD
+        return settings.max_body_bytes
+
+    app.add_middleware(BodyLimit, limit_for=limit_for)
+
+    from chathub.handlers import routers
+
+    for router in routers():
+        app.include_router(router)
+    return app

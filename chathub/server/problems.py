@@ -1,0 +1,99 @@
+"""Rendering errors: problem+json for REST. One handler for every error type,
+so no route can leak a 500 with a stack trace or a non-contract body."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from chathub.errors import (
+    BadRequest,
+    ChathubError,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+
+log = logging.getLogger("chathub.http")
+
+PROBLEM_JSON = "application/problem+json"
+
+_BY_STATUS: dict[int, type[ChathubError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    405: BadRequest,
+    413: TooLarge,
+    415: BadRequest,
+    422: BadRequest,
+    503: Unavailable,
+}
+
+
+def problem_response(error: ChathubError, headers: dict[str, str] | None = None) -> Response:
+    headers = dict(headers or {})
+    if isinstance(error, RateLimited):
+        headers.setdefault("Retry-After", str(max(1, round(error.retry_after_s))))
+    if isinstance(error, Unauthorized):
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    return Response(
+        orjson.dumps(error.problem()),
+        status_code=error.status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def _describe(errors: list[Any]) -> list[dict[str, Any]]:
+    out = []
+    for err in errors:
+        loc = [str(part) for part in err.get("loc", ())]
+        out.append({"loc": loc, "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))})
+    return out
+
+
+async def _chathub_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ChathubError)
+    if exc.status >= 500:
+        log.error("request failed: %s", exc.detail)
+    return problem_response(exc)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = _describe(list(exc.errors()))
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(p for p in first["loc"] if p != "body") or "request"
+    return problem_response(BadRequest(f"{where}: {first['msg']}", errors=errors))
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    cls = _BY_STATUS.get(exc.status_code, ChathubError)
+    detail = exc.detail if isinstance(exc.detail, str) else None
+    error = cls(detail)
+    if cls is ChathubError and exc.status_code < 500:
+        error = BadRequest(detail)
+    return problem_response(error, headers=dict(exc.headers or {}))
+
+
+async def _unhandled(_request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return problem_response(ChathubError("internal error"))
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ChathubError, _chathub_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unhandled)

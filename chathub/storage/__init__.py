@@ -1,0 +1,1 @@
+"""Relational storage: tables, repositories, migrations and the blob store."""

@@ -1,0 +1,1 @@
+"""Repositories: every query is scoped by ``team_id``; they flush, never commit."""

@@ -1,0 +1,228 @@
+"""Chat sessions and their messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chathub.errors import NotFound
+from chathub.storage.models import ChatSession, Message, utcnow
+from chathub.storage.pagination import Page, paginate
+
+
+async def create_session(
+    session: AsyncSession, *, team_id: str, title: str, mode: str, created_by: str | None
+) -> ChatSession:
+    row = ChatSession(team_id=team_id, title=title, mode=mode, created_by=created_by)
+    session.add(row)
+    await session.flush()
+    return row
+
+
+async def get_session(session: AsyncSession, *, team_id: str, session_id: str) -> ChatSession:
+    row = await session.scalar(
+        select(ChatSession).where(
+            ChatSession.id == session_id,
+            ChatSession.team_id == team_id,
+            ChatSession.deleted_at.is_(None),
+        )
+    )
+    if row is None:
+        raise NotFound("session not found")
+    return row
+
+
+def _like(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped.lower()}%"
+
+
+async def list_sessions(
+    session: AsyncSession,
+    *,
+    team_id: str,
+    limit: int,
+    cursor: str | None,
+    mode: str | None = None,
+    archived: bool | None = None,
+    q: str | None = None,
+) -> Page[ChatSession]:
+    stmt = select(ChatSession).where(
+        ChatSession.team_id == team_id, ChatSession.deleted_at.is_(None)
+    )
+    if mode is not None:
+        stmt = stmt.where(ChatSession.mode == mode)
+    if archived is not None:
+        stmt = stmt.where(ChatSession.archived == archived)
+    if q:
+        stmt = stmt.where(func.lower(ChatSession.title).like(_like(q), escape="\\"))
+    return await paginate(session, stmt, ChatSession.id, limit=limit, cursor=cursor)
+
+
+async def update_session(session: AsyncSession, row: ChatSession, **changes: Any) -> ChatSession:
+    for name, value in changes.items():
+        setattr(row, name, value)
+    row.updated_at = utcnow()
+    await session.flush()
+    return row
+
+
+async def delete_session(session: AsyncSession, row: ChatSession) -> None:
+    row.deleted_at = utcnow()
+    await session.flush()
+
+
+async def set_last_seq(session: AsyncSession, *, session_id: str, seq: int) -> None:
+    """Raise ``last_seq`` to ``seq`` (never lowers it)."""
+    await session.execute(
+        update(ChatSession)
+        .where(ChatSession.id == session_id, ChatSession.last_seq < seq)
+        .values(last_seq=seq)
+    )
+
+
+async def list_messages(
+    session: AsyncSession,
+    *,
+    team_id: str,
+    session_id: str,
+    limit: int,
+    cursor: str | None,
+    role: str | None = None,
+) -> Page[Message]:
+    stmt = select(Message).where(Message.team_id == team_id, Message.session_id == session_id)
+    if role is not None:
+        stmt = stmt.where(Message.role == role)
+    return await paginate(session, stmt, Message.id, limit=limit, cursor=cursor, descending=False)
+
+
+async def find_by_client_msg_id(
+    session: AsyncSession, *, session_id: str, client_msg_id: str
+) -> Message | None:
+    return await session.scalar(
+        select(Message).where(
+            Message.session_id == session_id, Message.client_msg_id == client_msg_id
+        )
+    )
+
+
+async def add_user_message(
+    session: AsyncSession,
+    *,
+    team_id: str,
+    session_id: str,
+    content: str,
+    client_msg_id: str,
+    author_id: str | None,
+    mode: str,
+    file_ids: list[str] | None = None,
+) -> tuple[Message, bool]:
+    """Store a user message; returns ``(message, created)``. A second call with
+    the same ``client_msg_id`` returns the stored message and ``False``."""
+    existing = await find_by_client_msg_id(
+        session, session_id=session_id, client_msg_id=client_msg_id
+    )
+    if existing is not None:
+        return existing, False
+    message = Message(
+        team_id=team_id,
+        session_id=session_id,
+        role="user",
+        content=content,
+        status="complete",
+        client_msg_id=client_msg_id,
+        author_id=author_id,
+        mode=mode,
+        file_ids={"ids": file_ids} if file_ids else None,
+    )
+    try:
+        async with session.begin_nested():
+            session.add(message)
+            await session.flush()
+    except IntegrityError:
+        existing = await find_by_client_msg_id(
+            session, session_id=session_id, client_msg_id=client_msg_id
+        )
+        if existing is None:
+            raise
+        return existing, False
+    return message, True
+
+
+async def add_reply_message(
+    session: AsyncSession,
+    *,
+    team_id: str,
+    session_id: str,
+    reply_to: str,
+    mode: str,
+    model: str,
+) -> Message:
+    message = Message(
+        team_id=team_id,
+        session_id=session_id,
+        role="assistant",
+        content="",
+        status="streaming",
+        reply_to=reply_to,
+        mode=mode,
+        model=model,
+    )
+    session.add(message)
+    await session.flush()
+    return message
+
+
+async def finish_reply_message(
+    session: AsyncSession,
+    *,
+    message_id: str,
+    content: str,
+    status: str,
+    stop_reason: str | None,
+    usage: dict[str, Any] | None,
+) -> None:
+    """Set the final text once; a reply already finished is left as it is."""
+    await session.execute(
+        update(Message)
+        .where(Message.id == message_id, Message.status == "streaming")
+        .values(
+            content=content,
+            status=status,
+            stop_reason=stop_reason,
+            usage=usage,
+            completed_at=utcnow(),
+        )
+    )
+
+
+async def get_message(session: AsyncSession, *, team_id: str, message_id: str) -> Message:
+    row = await session.scalar(
+        select(Message).where(Message.id == message_id, Message.team_id == team_id)
+    )
+    if row is None:
+        raise NotFound("message not found")
+    return row
+
+
+async def reply_for(session: AsyncSession, *, user_message_id: str) -> Message | None:
+    return await session.scalar(
+        select(Message).where(Message.reply_to == user_message_id, Message.role == "assistant")
+    )
+
+
+async def recent_messages(
+    session: AsyncSession, *, session_id: str, limit: int, before_id: str | None = None
+) -> list[Message]:
+    """The newest ``limit`` finished messages, oldest first."""
+    stmt = select(Message).where(
+        Message.session_id == session_id,
+        or_(Message.status != "streaming", Message.role == "user"),
+    )
+    if before_id is not None:
+        stmt = stmt.where(Message.id < before_id)
+    rows = (await session.scalars(stmt.order_by(Message.id.desc()).limit(limit))).all()
+    return list(reversed(rows))

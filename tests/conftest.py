@@ -1,0 +1,68 @@
+"""Shared fixtures: a real chathub server per database backend.
+
+Tests that take ``server`` (or ``client``) run twice: on SQLite and on
+PostgreSQL. Each test starts with empty tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import (
+    RunningServer,
+    TeamFixture,
+    create_pg_database,
+    drop_pg_database,
+    http_client,
+    make_team,
+    pg_url,
+    start_server,
+    test_settings,
+    wipe,
+)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+async def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningServer]:
+    data_dir: Path = tmp_path_factory.mktemp(f"data-{request.param}")
+    pg_name = None
+    if request.param == "postgres":
+        pg_name = await create_pg_database()  # this run's own, dropped at the end
+        url = pg_url(pg_name)
+    else:
+        url = f"sqlite+aiosqlite:///{data_dir / 'chathub.db'}"
+    running = await start_server(test_settings(url, data_dir))
+    try:
+        yield running
+    finally:
+        await running.stop()
+        if pg_name is not None:
+            await drop_pg_database(pg_name)
+
+
+@pytest.fixture
+async def clean_server(server: RunningServer) -> RunningServer:
+    await wipe(server.state)
+    return server
+
+
+@pytest.fixture
+async def client(clean_server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with http_client(clean_server) as c:
+        yield c
+
+
+@pytest.fixture
+async def team(clean_server: RunningServer) -> TeamFixture:
+    return await make_team(clean_server.state, "Acme")
+
+
+@pytest.fixture
+async def other_team(clean_server: RunningServer) -> TeamFixture:
+    return await make_team(clean_server.state, "Globex")

@@ -1,0 +1,177 @@
+"""Running chathub for tests: a real uvicorn server on a free loopback port,
+on a real database (SQLite file or a PostgreSQL database of its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import uvicorn
+from sqlalchemy import text
+
+from chathub.config import Settings
+from chathub.server.app import create_app
+from chathub.server.state import AppState
+from chathub.storage.db import transaction
+from chathub.storage.models import Base
+from chathub.storage.repositories import teams
+
+PG_HOST = os.environ.get("CHATHUB_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("CHATHUB_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("CHATHUB_TEST_PG_USER", "postgres")
+REDIS_URL = os.environ.get("CHATHUB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+JWT_SECRET = "test-secret-" + "x" * 32
+
+
+def pg_url(database: str) -> str:
+    return f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}"
+
+
+async def create_pg_database() -> str:
+    """A fresh, empty PostgreSQL database for this test run; returns its name."""
+    name = f"chathub_test_{os.getpid()}_{secrets.token_hex(3)}"
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="postgres")
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return name
+
+
+async def drop_pg_database(name: str) -> None:
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="postgres")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def test_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "data_dir": data_dir,
+        "jwt_secret": JWT_SECRET,
+        "llm": "scripted://",
+        "log_level": "warning",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class RunningServer:
+    """A chathub app served by uvicorn on 127.0.0.1."""
+
+    settings: Settings
+    port: int
+    state: AppState
+    _server: uvicorn.Server
+    _task: asyncio.Task[None]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(self._task, 15)
+
+
+async def start_server(settings: Settings, *, migrate: bool = True) -> RunningServer:
+    app = create_app(settings, migrate=migrate)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="on",
+        ws_max_size=settings.ws_max_frame_bytes,
+        ws_ping_interval=None,
+    )
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    for _ in range(500):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.01)
+    if task.done():
+        task.result()
+        raise RuntimeError("server stopped during startup")
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return RunningServer(settings, port, app.state.chathub, server, task)
+
+
+async def wipe(state: AppState) -> None:
+    """Empty every table, children first, so each test starts clean."""
+    async with transaction(state.sessionmaker) as db:
+        for table in reversed(Base.metadata.sorted_tables):
+            await db.execute(text(f'DELETE FROM "{table.name}"'))
+
+
+@dataclass
+class Actor:
+    """A member of a team with an API key: ``headers`` authenticates as them."""
+
+    team_id: str
+    member_id: str
+    role: str
+    api_key: str
+    api_key_id: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+@dataclass
+class TeamFixture:
+    team_id: str
+    owner: Actor
+    _state: AppState
+    _members: dict[str, Actor] = field(default_factory=dict)
+
+    async def actor(self, role: str, email: str | None = None) -> Actor:
+        """A new member with ``role`` (and an API key of that role)."""
+        return await add_actor(self._state, self.team_id, role, email)
+
+
+async def add_actor(state: AppState, team_id: str, role: str, email: str | None = None) -> Actor:
+    async with transaction(state.sessionmaker) as db:
+        member = await teams.add_member(
+            db,
+            team_id=team_id,
+            email=email or f"{role}-{secrets.token_hex(4)}@example.com",
+            name=role.title(),
+            role=role,
+        )
+        key = await teams.create_api_key(
+            db, team_id=team_id, member_id=member.id, name=f"{role} key", role=role
+        )
+    return Actor(team_id, member.id, role, key.secret, key.row.id)
+
+
+async def make_team(state: AppState, name: str = "Acme") -> TeamFixture:
+    async with transaction(state.sessionmaker) as db:
+        team = await teams.create_team(db, name=name)
+    owner = await add_actor(state, team.id, "owner", f"owner-{secrets.token_hex(4)}@example.com")
+    return TeamFixture(team.id, owner, state)
+
+
+@contextlib.asynccontextmanager
+async def http_client(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        yield client
