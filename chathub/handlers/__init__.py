@@ -7,7 +7,7 @@ from fastapi import APIRouter
 
 
 def routers() -> list[APIRouter]:
-    from chathub.handlers import auth, dashboard, files, health, sessions, team
+    from chathub.handlers import auth, dashboard, files, health, sessions, team, ws
 
     return [
         health.router,
@@ -16,4 +16,5 @@ def routers() -> list[APIRouter]:
         dashboard.router,
         team.router,
         files.router,
+        ws.router,
     ]

@@ -34,6 +34,8 @@ class StrictBody(BaseModel):
 
 
 class Out(BaseModel):
+    """A response object read from a row."""
+
     model_config = ConfigDict(from_attributes=True)
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from pydantic import Field
@@ -11,24 +10,14 @@ from starlette.responses import Response
 
 from chathub.errors import NotImplementedYet
 from chathub.handlers.deps import MemberUser, PageDep, SessionDep, Viewer
-from chathub.handlers.schemas import Out, Page, StrictBody, errors
+from chathub.handlers.schemas import Page, StrictBody, errors
 from chathub.storage.repositories import audit
 from chathub.storage.repositories import sessions as repo
+from chathub.wire import MessageOut, SessionOut
 
 router = APIRouter(prefix="/chat/sessions", tags=["sessions"])
 
 MODE_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
-
-
-class SessionOut(Out):
-    id: str
-    title: str
-    mode: str
-    archived: bool
-    created_by: str | None
-    created_at: datetime
-    updated_at: datetime
-    last_seq: int
 
 
 class SessionCreate(StrictBody):
@@ -40,22 +29,6 @@ class SessionPatch(StrictBody):
     title: str | None = Field(default=None, max_length=500)
     mode: str | None = Field(default=None, pattern=MODE_PATTERN)
     archived: bool | None = None
-
-
-class MessageOut(Out):
-    id: str
-    session_id: str
-    role: str
-    content: str
-    status: str
-    client_msg_id: str | None
-    reply_to: str | None
-    mode: str | None
-    model: str | None
-    stop_reason: str | None
-    usage: dict[str, Any] | None
-    created_at: datetime
-    completed_at: datetime | None
 
 
 @router.get("", responses=errors())

@@ -14,7 +14,13 @@ from chathub import __version__
 from chathub.auth import TokenCodec
 from chathub.config import Settings
 from chathub.server import problems
+from chathub.llm.factory import create_provider
+from chathub.server.bus import create_bus
+from chathub.server.dashboards import Dashboards
+from chathub.server.hub import Hub
 from chathub.server.limits import MULTIPART_OVERHEAD, BodyLimit
+from chathub.server.replies import Replies
+from chathub.server.session_log import create_session_log
 from chathub.server.state import AppState
 from chathub.storage.blobs import BlobStore
 from chathub.storage.db import create_engine, create_sessionmaker
@@ -38,19 +44,42 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
         if run_migrations:
             await upgrade_async(url)
         engine = create_engine(url)
+        sessionmaker = create_sessionmaker(engine)
+        provider = create_provider(settings.llm)
+        session_log = create_session_log(settings)
+        bus = create_bus(settings)
+        await bus.start()
+        await session_log.start()
+        hub = Hub(session_log)
         state = AppState(
             settings=settings,
             engine=engine,
-            sessionmaker=create_sessionmaker(engine),
+            sessionmaker=sessionmaker,
             tokens=tokens,
             blobs=BlobStore(settings.blob_dir),
+            provider=provider,
+            session_log=session_log,
+            bus=bus,
+            hub=hub,
+            replies=Replies(
+                settings=settings,
+                sessionmaker=sessionmaker,
+                session_log=session_log,
+                bus=bus,
+                provider=provider,
+            ),
+            dashboards=Dashboards(sessionmaker=sessionmaker, bus=bus, hub=hub),
         )
         app.state.chathub = state
         try:
             yield {"chathub": state}
         finally:
-            if state.provider is not None:
-                await state.provider.aclose()
+            await state.replies.close()
+            await hub.close()
+            state.dashboards.close()
+            await session_log.close()
+            await bus.close()
+            await provider.aclose()
             await engine.dispose()
 
     app = FastAPI(

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from chathub.auth import TokenCodec
 from chathub.config import Settings
+from chathub.llm.base import LLMProvider
+from chathub.server.bus import Bus
+from chathub.server.dashboards import Dashboards
+from chathub.server.hub import Hub
+from chathub.server.replies import Replies
+from chathub.server.session_log import SessionLog
 from chathub.storage.blobs import BlobStore
-
-if TYPE_CHECKING:
-    from chathub.llm.base import LLMProvider
 
 
 @dataclass
@@ -22,5 +24,9 @@ class AppState:
     sessionmaker: async_sessionmaker[AsyncSession]
     tokens: TokenCodec
     blobs: BlobStore
-    provider: LLMProvider | None = None
-    extras: dict[str, object] = field(default_factory=dict)
+    provider: LLMProvider
+    session_log: SessionLog
+    bus: Bus
+    hub: Hub
+    replies: Replies
+    dashboards: Dashboards

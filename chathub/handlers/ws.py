@@ -1,0 +1,215 @@
+"""``GET /ws``: the socket of the wire contract. Thin: it authenticates,
+parses frames and hands each to the hub or the reply service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from chathub.auth import Principal
+from chathub.config import Settings
+from chathub.errors import BadRequest, ChathubError, Forbidden, Unauthorized
+from chathub.handlers.deps import authenticate, bearer_token
+from chathub.ids import new_id
+from chathub.server import metrics
+from chathub.server.connection import (
+    CLOSE_INTERNAL,
+    CLOSE_UNAUTHORIZED,
+    Connection,
+)
+from chathub.server.frames import (
+    AuthFrame,
+    CancelFrame,
+    FrameError,
+    JoinFrame,
+    LeaveFrame,
+    PingFrame,
+    SendFrame,
+    SubscribeFrame,
+    UnsubscribeFrame,
+    encode,
+    parse_frame,
+)
+from chathub.server.state import AppState
+from chathub.storage.repositories import sessions as sessions_repo
+from chathub.storage.repositories import teams
+
+log = logging.getLogger("chathub.ws")
+router = APIRouter()
+
+PROTOCOL_VERSION = 1
+
+
+def origin_allowed(origin: str | None, host: str | None, settings: Settings) -> bool:
+    """No Origin (not a browser) is allowed; ``*`` allows any; with an empty
+    allow-list only same-origin pages are."""
+    if origin is None:
+        return True
+    allowed = settings.allowed_origins
+    if "*" in allowed:
+        return True
+    if allowed:
+        return origin.rstrip("/") in {o.rstrip("/") for o in allowed}
+    return host is not None and urlsplit(origin).netloc == host
+
+
+@router.websocket("/ws")
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    state: AppState = websocket.state.chathub
+    settings = state.settings
+    if not origin_allowed(websocket.headers.get("origin"), websocket.headers.get("host"), settings):
+        await websocket.close(code=1008)  # before accept: the server answers 403
+        return
+    await websocket.accept()
+    principal = await _authenticate(websocket, state)
+    if principal is None:
+        return
+    conn = Connection(websocket, new_id(), principal, settings.ws_send_queue)
+    hub = state.hub
+    hub.register(conn)
+    conn.start()
+    try:
+        conn.send(encode(await _welcome(state, conn)))
+        await _serve(websocket, state, conn)
+    except WebSocketDisconnect:
+        pass
+    except Exception:
+        log.exception("socket %s crashed", conn.id)
+        conn.close_soon(CLOSE_INTERNAL, "internal error")
+    finally:
+        hub.unregister(conn)
+        await conn.drain_and_stop(0)
+
+
+async def _authenticate(websocket: WebSocket, state: AppState) -> Principal | None:
+    """The upgrade's Authorization header, else a first ``auth`` frame within
+    the timeout. Failure closes with 4401."""
+    header = websocket.headers.get("authorization")
+    try:
+        if header:
+            token = bearer_token(header)
+        else:
+            async with asyncio.timeout(state.settings.ws_auth_timeout_s):
+                message = await websocket.receive_text()
+            frame = parse_frame(message)
+            if not isinstance(frame, AuthFrame):
+                raise Unauthorized("the first frame must be 'auth'")
+            token = frame.token
+        async with state.sessionmaker() as db, db.begin():
+            return await authenticate(state, db, token)
+    except (ChathubError, TimeoutError, KeyError, RuntimeError, WebSocketDisconnect) as exc:
+        reason = exc.detail if isinstance(exc, ChathubError) else "authentication timed out"
+        with contextlib.suppress(Exception):
+            await websocket.close(code=CLOSE_UNAUTHORIZED, reason=reason[:120])
+        return None
+
+
+async def _welcome(state: AppState, conn: Connection) -> dict[str, Any]:
+    p = conn.principal
+    async with state.sessionmaker() as db:
+        member = await teams.get_member(db, team_id=p.team_id, member_id=p.member_id)
+    return {
+        "type": "welcome",
+        "connection_id": conn.id,
+        "user": {"id": member.id, "email": member.email, "name": member.name, "role": p.role},
+        "team_id": p.team_id,
+        "protocol": PROTOCOL_VERSION,
+        "heartbeat_s": state.settings.ws_heartbeat_s,
+    }
+
+
+async def _serve(websocket: WebSocket, state: AppState, conn: Connection) -> None:
+    heartbeat = asyncio.create_task(_heartbeat(conn, state.settings.ws_heartbeat_s))
+    try:
+        while not conn.closed:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            metrics.FRAMES_IN.inc()
+            text = message.get("text")
+            if text is None:
+                conn.send(encode(BadRequest("binary frames are not accepted").frame()))
+                continue
+            request_id: str | None = None
+            try:
+                frame = parse_frame(text)
+                request_id = frame.id
+                replies = await _handle(state, conn, frame)
+            except FrameError as exc:
+                conn.send(encode(exc.frame(exc.request_id)))
+                continue
+            except ChathubError as exc:
+                conn.send(encode(exc.frame(request_id)))
+                continue
+            if request_id is not None:
+                replies[0]["id"] = request_id
+            for reply in replies:
+                conn.send(encode(reply))
+    finally:
+        heartbeat.cancel()
+
+
+async def _heartbeat(conn: Connection, every_s: float) -> None:
+    frame = encode({"type": "heartbeat"})
+    while not conn.closed:
+        await asyncio.sleep(every_s)
+        conn.send(frame)
+
+
+async def _handle(state: AppState, conn: Connection, frame: Any) -> list[dict[str, Any]]:
+    """The frames that answer ``frame``: the direct answer first."""
+    p = conn.principal
+    if isinstance(frame, PingFrame):
+        return [{"type": "pong"}]
+    if isinstance(frame, AuthFrame):
+        raise BadRequest("already authenticated")
+    if isinstance(frame, JoinFrame):
+        async with state.sessionmaker() as db:
+            chat = await sessions_repo.get_session(
+                db, team_id=p.team_id, session_id=frame.session_id
+            )
+        await state.session_log.ensure_floor(chat.id, chat.last_seq)
+        ack = await state.hub.join(conn, chat.id, frame.after_seq)
+        return [{"type": "ack", **ack}]
+    if isinstance(frame, LeaveFrame):
+        state.hub.leave(conn, frame.session_id)
+        return [{"type": "ack", "session_id": frame.session_id}]
+    if isinstance(frame, SendFrame):
+        if not p.has_role("member"):
+            raise Forbidden("viewers cannot send messages")
+        result = await state.replies.send(
+            p,
+            session_id=frame.session_id,
+            client_msg_id=frame.client_msg_id,
+            content=frame.content,
+            mode=frame.mode,
+            file_ids=frame.file_ids,
+        )
+        return [
+            {
+                "type": "ack",
+                "session_id": frame.session_id,
+                "message_id": result.message["id"],
+                "reply_id": result.reply_id,
+                "duplicate": result.duplicate,
+            }
+        ]
+    if isinstance(frame, CancelFrame):
+        if not p.has_role("member"):
+            raise Forbidden("viewers cannot cancel replies")
+        cancelling = await state.replies.cancel(p, frame.reply_id)
+        return [{"type": "ack", "reply_id": frame.reply_id, "cancelling": cancelling}]
+    if isinstance(frame, SubscribeFrame):
+        snapshot = await state.dashboards.snapshot(p.team_id)
+        state.hub.subscribe_dashboard(conn)
+        return [{"type": "ack", "channel": frame.channel}, snapshot]
+    if isinstance(frame, UnsubscribeFrame):
+        state.hub.unsubscribe_dashboard(conn)
+        return [{"type": "ack", "channel": frame.channel}]
+    raise BadRequest("unsupported frame")

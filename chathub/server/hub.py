@@ -1,0 +1,168 @@
+"""The hub: which sockets are joined to which sessions, and fan-out.
+
+The session log calls :meth:`Hub.on_event` once per event; the hub queues the
+event's pre-encoded frame on each joined socket. A socket that joins with
+``after_seq`` (or sees a gap) reads what it missed from the log first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Any
+
+from chathub.server import metrics
+from chathub.server.connection import Connection, SessionCursor
+from chathub.server.session_log import Event, SessionLog
+
+log = logging.getLogger("chathub.hub")
+
+
+class Hub:
+    def __init__(self, session_log: SessionLog) -> None:
+        self.log = session_log
+        self.connections: dict[str, Connection] = {}
+        self._by_session: defaultdict[str, set[Connection]] = defaultdict(set)
+        self._by_team_dashboard: defaultdict[str, set[Connection]] = defaultdict(set)
+        self._tasks: set[asyncio.Task[None]] = set()
+        session_log.add_listener(self.on_event)
+
+    # -- connections -------------------------------------------------------
+
+    def register(self, conn: Connection) -> None:
+        self.connections[conn.id] = conn
+        metrics.OPEN_SOCKETS.inc()
+
+    def unregister(self, conn: Connection) -> None:
+        if self.connections.pop(conn.id, None) is None:
+            return
+        metrics.OPEN_SOCKETS.dec()
+        for session_id in list(conn.sessions):
+            self.leave(conn, session_id)
+        self.unsubscribe_dashboard(conn)
+
+    # -- sessions ----------------------------------------------------------
+
+    async def join(
+        self, conn: Connection, session_id: str, after_seq: int | None
+    ) -> dict[str, Any]:
+        """Subscribe ``conn``; returns the ack fields. With ``after_seq`` the
+        missed events are queued first, then live ones, with no gap."""
+        last = await self.log.last_seq(session_id)
+        if after_seq is None:
+            conn.sessions[session_id] = SessionCursor(last_seq=last)
+            self._by_session[session_id].add(conn)
+            return {"session_id": session_id, "last_seq": last}
+        missed = await self.log.read_after(session_id, after_seq)
+        if missed is None:
+            metrics.RESUMES.labels(recovered="false").inc()
+            # Go on live from now; the client reloads the history over REST.
+            last = await self.log.last_seq(session_id)
+            conn.sessions[session_id] = SessionCursor(last_seq=last)
+            self._by_session[session_id].add(conn)
+            return {"session_id": session_id, "last_seq": last, "recovered": False}
+        metrics.RESUMES.labels(recovered="true").inc()
+        cursor = SessionCursor(last_seq=after_seq, catching_up=True)
+        conn.sessions[session_id] = cursor
+        self._by_session[session_id].add(conn)
+        ack = {"session_id": session_id, "last_seq": last, "recovered": True}
+        self._spawn(self._catch_up(conn, session_id, missed))
+        return ack
+
+    def leave(self, conn: Connection, session_id: str) -> bool:
+        if conn.sessions.pop(session_id, None) is None:
+            return False
+        members = self._by_session.get(session_id)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self._by_session[session_id]
+        return True
+
+    def on_event(self, event: Event) -> None:
+        for conn in tuple(self._by_session.get(event.session_id, ())):
+            conn.deliver(event, self.catch_up)
+
+    def catch_up(self, conn: Connection, session_id: str) -> None:
+        cursor = conn.sessions.get(session_id)
+        if cursor is None or cursor.catching_up:
+            return
+        cursor.catching_up = True
+        self._spawn(self._catch_up(conn, session_id, None))
+
+    async def _catch_up(self, conn: Connection, session_id: str, first: list[Event] | None) -> None:
+        """Queue events from the log until the socket is level with it. Live
+        events are ignored meanwhile; they are read here instead."""
+        cursor = conn.sessions.get(session_id)
+        if cursor is None:
+            return
+        batch = first
+        try:
+            while not conn.closed and conn.sessions.get(session_id) is cursor:
+                if batch is None:
+                    batch = await self.log.read_after(session_id, cursor.last_seq)
+                    if batch is None:
+                        # The window moved past us while catching up.
+                        conn.send(
+                            _encode_lost(
+                                session_id, cursor.last_seq, await self.log.last_seq(session_id)
+                            )
+                        )
+                        cursor.last_seq = await self.log.last_seq(session_id)
+                        break
+                if not batch:
+                    break
+                for event in batch:
+                    if event.seq == cursor.last_seq + 1:
+                        cursor.last_seq = event.seq
+                        conn.send(event.frame)
+                batch = None
+        finally:
+            cursor.catching_up = False
+
+    # -- dashboard ---------------------------------------------------------
+
+    def subscribe_dashboard(self, conn: Connection) -> None:
+        conn.dashboard = True
+        self._by_team_dashboard[conn.principal.team_id].add(conn)
+
+    def unsubscribe_dashboard(self, conn: Connection) -> None:
+        conn.dashboard = False
+        members = self._by_team_dashboard.get(conn.principal.team_id)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self._by_team_dashboard[conn.principal.team_id]
+
+    def send_dashboard(self, team_id: str, frame: str) -> None:
+        for conn in tuple(self._by_team_dashboard.get(team_id, ())):
+            conn.send(frame)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, code: int = 1001) -> None:
+        for conn in list(self.connections.values()):
+            await conn.drain_and_stop(timeout=1.0)
+            conn.close_soon(code, "server shutting down")
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _encode_lost(session_id: str, from_seq: int, to_seq: int) -> str:
+    from chathub.server.frames import encode
+
+    return encode(
+        {
+            "type": "resync",
+            "session_id": session_id,
+            "recovered": False,
+            "after_seq": from_seq,
+            "last_seq": to_seq,
+        }
+    )

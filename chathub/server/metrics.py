@@ -1,0 +1,29 @@
+"""Prometheus metrics (the default registry; one process, one set)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+OPEN_SOCKETS = Gauge("chathub_open_sockets", "Open WebSocket connections")
+FRAMES_IN = Counter("chathub_frames_in_total", "Client frames received")
+FRAMES_OUT = Counter("chathub_frames_out_total", "Frames sent to clients")
+SLOW_CLOSES = Counter("chathub_slow_client_closes_total", "Sockets closed for a full send queue")
+RESUMES = Counter("chathub_resumes_total", "Joins with after_seq", ["recovered"])
+REPLIES = Counter("chathub_replies_total", "Replies by end state", ["stop_reason"])
+TIME_TO_FIRST_TOKEN = Histogram(
+    "chathub_time_to_first_token_seconds",
+    "From reply start to its first token",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+TOKENS_PER_SECOND = Histogram(
+    "chathub_reply_tokens_per_second",
+    "Output tokens per second of finished replies",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 1000, 10000),
+)
+PROVIDER_ERRORS = Counter("chathub_provider_errors_total", "Provider errors by kind", ["code"])
+GUARDRAIL_ACTIONS = Counter(
+    "chathub_guardrail_actions_total", "Guardrail actions by rule", ["action", "rule"]
+)
+HTTP_LATENCY = Histogram(
+    "chathub_http_request_seconds", "HTTP latency by route", ["method", "route", "status"]
+)

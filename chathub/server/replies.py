@@ -1,0 +1,402 @@
+"""Replies: from a user's message to a stored, streamed answer.
+
+``send`` stores the user message (idempotent on ``client_msg_id``) and starts
+one reply task per session. The task streams the provider's tokens through the
+coalescer into the session log as ``reply.delta`` events and ends with exactly
+one ``reply.completed`` or ``reply.failed``. The text stored for a reply is
+always the concatenation of its deltas, whatever ends it: the provider,
+``cancel``, an error or shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from chathub.auth import Principal
+from chathub.config import Settings
+from chathub.errors import BadRequest, Conflict, NotFound, Unavailable
+from chathub.llm.base import (
+    CompletionRequest,
+    LLMProvider,
+    ProviderError,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    Usage,
+)
+from chathub.llm.context import HistoryItem, build_request
+from chathub.llm.modes import Mode, get_mode
+from chathub.llm.retry import stream_with_retry
+from chathub.server import metrics
+from chathub.server.bus import Bus
+from chathub.server.session_log import SessionLog
+from chathub.storage.db import transaction
+from chathub.storage.repositories import sessions as repo
+from chathub.wire import message_view
+
+log = logging.getLogger("chathub.replies")
+
+CANCEL_CHANNEL = "reply.cancel"
+HISTORY_TURNS = 50
+
+
+@dataclass(frozen=True)
+class SendResult:
+    message: dict[str, Any]
+    reply_id: str | None
+    duplicate: bool
+    seq: int | None = None
+
+
+@dataclass
+class ReplyRun:
+    """A reply being generated on this instance."""
+
+    reply_id: str
+    session_id: str
+    team_id: str
+    user_message_id: str
+    mode: Mode
+    model: str
+    request: CompletionRequest
+    sent: list[str] = field(default_factory=list)
+    buffer: list[str] = field(default_factory=list)
+    buffered_at: float = 0.0
+    end: StreamEnd | None = None
+    cancelled: bool = False
+    stream_task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    flush_timer: asyncio.TimerHandle | None = None
+    first_token_at: float | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class Replies:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        session_log: SessionLog,
+        bus: Bus,
+        provider: LLMProvider,
+    ) -> None:
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.log = session_log
+        self.bus = bus
+        self.provider = provider
+        self.runs: dict[str, ReplyRun] = {}
+        self._by_session: dict[str, ReplyRun] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._unsubscribe = bus.subscribe(CANCEL_CHANNEL, self._on_cancel_message)
+        self._closing = False
+
+    # -- sending -----------------------------------------------------------
+
+    async def send(
+        self,
+        principal: Principal,
+        *,
+        session_id: str,
+        client_msg_id: str,
+        content: str,
+        mode: str | None = None,
+        file_ids: list[str] | None = None,
+    ) -> SendResult:
+        """Store the message and start its reply. A retry with the same
+        ``client_msg_id`` returns the first result and starts nothing."""
+        if self._closing:
+            raise Unavailable("server is shutting down")
+        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        async with lock:
+            try:
+                return await self._send_locked(
+                    principal, session_id, client_msg_id, content, mode, file_ids
+                )
+            finally:
+                if not lock._waiters:  # no one else queued: forget the lock
+                    self._locks.pop(session_id, None)
+
+    async def _send_locked(
+        self,
+        principal: Principal,
+        session_id: str,
+        client_msg_id: str,
+        content: str,
+        mode_name: str | None,
+        file_ids: list[str] | None,
+    ) -> SendResult:
+        async with transaction(self.sessionmaker) as db:
+            chat = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
+            existing = await repo.find_by_client_msg_id(
+                db, session_id=session_id, client_msg_id=client_msg_id
+            )
+            if existing is not None:
+                reply = await repo.reply_for(db, user_message_id=existing.id)
+                return SendResult(
+                    message=message_view(existing),
+                    reply_id=reply.id if reply else None,
+                    duplicate=True,
+                )
+            if session_id in self._by_session:
+                raise Conflict("a reply is already being generated in this session")
+            mode = get_mode(mode_name or chat.mode)
+            if mode is None:
+                raise BadRequest(f"unknown mode {mode_name or chat.mode!r}")
+            history = await repo.recent_messages(db, session_id=session_id, limit=HISTORY_TURNS)
+            user_message, _ = await repo.add_user_message(
+                db,
+                team_id=principal.team_id,
+                session_id=session_id,
+                content=content,
+                client_msg_id=client_msg_id,
+                author_id=principal.member_id,
+                mode=mode.name,
+                file_ids=file_ids,
+            )
+            reply = await repo.add_reply_message(
+                db,
+                team_id=principal.team_id,
+                session_id=session_id,
+                reply_to=user_message.id,
+                mode=mode.name,
+                model=self.provider.model,
+            )
+            last_seq = chat.last_seq
+            items = [HistoryItem(m.role, m.content) for m in history]
+            items.append(HistoryItem("user", content))
+            view = message_view(user_message)
+        await self.log.ensure_floor(session_id, last_seq)
+        run = ReplyRun(
+            reply_id=reply.id,
+            session_id=session_id,
+            team_id=principal.team_id,
+            user_message_id=user_message.id,
+            mode=mode,
+            model=self.provider.model,
+            request=build_request(mode, items),
+        )
+        self.runs[run.reply_id] = run
+        self._by_session[session_id] = run
+        created = await self.log.append(session_id, "message.created", {"message": view})
+        run.task = asyncio.create_task(self._run(run), name=f"reply-{run.reply_id}")
+        return SendResult(message=view, reply_id=run.reply_id, duplicate=False, seq=created.seq)
+
+    # -- cancelling --------------------------------------------------------
+
+    async def cancel(self, principal: Principal, reply_id: str) -> bool:
+        """Ask the instance generating ``reply_id`` to stop it. Idempotent:
+        cancelling a finished reply is not an error. Raises NotFound for a
+        reply the caller's team does not have."""
+        run = self.runs.get(reply_id)
+        if run is not None:
+            if run.team_id != principal.team_id:
+                raise NotFound("reply not found")
+            self._stop(run)
+            return True
+        async with self.sessionmaker() as db:
+            message = await repo.get_message(db, team_id=principal.team_id, message_id=reply_id)
+        if message.role != "assistant":
+            raise NotFound("reply not found")
+        if message.status != "streaming":
+            return False
+        await self.bus.publish(CANCEL_CHANNEL, {"reply_id": reply_id})
+        return True
+
+    async def _on_cancel_message(self, message: dict[str, Any]) -> None:
+        run = self.runs.get(str(message.get("reply_id")))
+        if run is not None:
+            self._stop(run)
+
+    def _stop(self, run: ReplyRun) -> None:
+        run.cancelled = True
+        if run.stream_task is not None:
+            run.stream_task.cancel()
+
+    # -- generating --------------------------------------------------------
+
+    async def _run(self, run: ReplyRun) -> None:
+        failure: ProviderError | None = None
+        try:
+            await self.log.append(
+                run.session_id,
+                "reply.started",
+                {
+                    "reply_id": run.reply_id,
+                    "message_id": run.user_message_id,
+                    "mode": run.mode.name,
+                    "model": run.model,
+                },
+            )
+            run.stream_task = asyncio.create_task(self._pump(run))
+            try:
+                async with asyncio.timeout(self.settings.reply_timeout_s):
+                    await run.stream_task
+            except asyncio.CancelledError:
+                if not run.cancelled or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+            except TimeoutError:
+                failure = ProviderError("the reply took too long", retryable=True)
+                failure.code = "timeout"
+            except ProviderError as exc:
+                failure = exc
+                metrics.PROVIDER_ERRORS.labels(code=exc.code).inc()
+            except Exception as exc:
+                log.exception("reply %s failed", run.reply_id)
+                failure = ProviderError(f"internal error: {type(exc).__name__}", retryable=False)
+                failure.code = "internal"
+        except asyncio.CancelledError:
+            # Shutdown: the reply ends explicitly, never silently.
+            failure = ProviderError("the server stopped while replying", retryable=True)
+            failure.code = "interrupted"
+            await asyncio.shield(self._finish(run, failure))
+            raise
+        await self._finish(run, failure)
+
+    async def _finish(self, run: ReplyRun, failure: ProviderError | None) -> None:
+        try:
+            if run.flush_timer is not None:
+                run.flush_timer.cancel()
+            await self._flush(run)
+            text = "".join(run.sent)
+            usage = run.end.usage if run.end else Usage(output_tokens=0)
+            usage_view = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+            if failure is None:
+                stop_reason = (
+                    "cancelled"
+                    if run.cancelled
+                    else (run.end.stop_reason if run.end else "end_turn")
+                )
+                status = "complete"
+            else:
+                stop_reason = "error"
+                status = "failed"
+            async with transaction(self.sessionmaker) as db:
+                await repo.finish_reply_message(
+                    db,
+                    message_id=run.reply_id,
+                    content=text,
+                    status=status,
+                    stop_reason=stop_reason,
+                    usage=usage_view,
+                )
+                stored = await repo.get_message(db, team_id=run.team_id, message_id=run.reply_id)
+                view = message_view(stored)
+            if failure is None:
+                event = await self.log.append(
+                    run.session_id,
+                    "reply.completed",
+                    {
+                        "reply_id": run.reply_id,
+                        "message": view,
+                        "stop_reason": stop_reason,
+                        "usage": usage_view,
+                    },
+                )
+            else:
+                event = await self.log.append(
+                    run.session_id,
+                    "reply.failed",
+                    {
+                        "reply_id": run.reply_id,
+                        "code": failure.code,
+                        "message": failure.message,
+                        "retryable": failure.retryable,
+                        "partial": view,
+                    },
+                )
+            metrics.REPLIES.labels(stop_reason=stop_reason).inc()
+            elapsed = time.monotonic() - (run.first_token_at or run.started_at)
+            if usage.output_tokens and elapsed > 0:
+                metrics.TOKENS_PER_SECOND.observe(usage.output_tokens / elapsed)
+            async with transaction(self.sessionmaker) as db:
+                await repo.set_last_seq(db, session_id=run.session_id, seq=event.seq)
+        except Exception:
+            log.exception("could not finish reply %s", run.reply_id)
+        finally:
+            self.runs.pop(run.reply_id, None)
+            if self._by_session.get(run.session_id) is run:
+                del self._by_session[run.session_id]
+            run.done.set()
+
+    async def _pump(self, run: ReplyRun) -> None:
+        """Provider → coalescer → session log."""
+        stream: AsyncIterator[StreamEvent] = stream_with_retry(self.provider, run.request)
+        window = self.settings.coalesce_ms / 1000
+        limit = self.settings.coalesce_chars
+        loop = asyncio.get_running_loop()
+        try:
+            async for event in stream:
+                if isinstance(event, StreamEnd):
+                    run.end = event
+                    continue
+                if not isinstance(event, TextDelta) or not event.text:
+                    continue
+                now = loop.time()
+                if run.first_token_at is None:
+                    run.first_token_at = time.monotonic()
+                    metrics.TIME_TO_FIRST_TOKEN.observe(run.first_token_at - run.started_at)
+                if window <= 0:
+                    run.buffer.append(event.text)
+                    await self._flush(run)
+                    continue
+                if not run.buffer:
+                    run.buffered_at = now
+                    run.flush_timer = loop.call_later(window, self._flush_soon, run)
+                run.buffer.append(event.text)
+                if now - run.buffered_at >= window or sum(map(len, run.buffer)) >= limit:
+                    await self._flush(run)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    def _flush_soon(self, run: ReplyRun) -> None:
+        run.flush_timer = None
+        if run.buffer:
+            asyncio.get_running_loop().create_task(self._flush(run))
+
+    async def _flush(self, run: ReplyRun) -> None:
+        """Append the buffered text as one ``reply.delta``; ordered by a lock."""
+        async with run.flush_lock:
+            if not run.buffer:
+                return
+            text = "".join(run.buffer)
+            run.buffer.clear()
+            if run.flush_timer is not None:
+                run.flush_timer.cancel()
+                run.flush_timer = None
+            await self.log.append(
+                run.session_id, "reply.delta", {"reply_id": run.reply_id, "text": text}
+            )
+            run.sent.append(text)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def wait(self, reply_id: str) -> None:
+        run = self.runs.get(reply_id)
+        if run is not None:
+            await run.done.wait()
+
+    async def close(self) -> None:
+        """End every local reply as ``interrupted``, storing its partial text."""
+        self._closing = True
+        self._unsubscribe()
+        tasks = [run.task for run in self.runs.values() if run.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -1,0 +1,176 @@
+"""The session event log: the single source of ``seq``.
+
+Every event of a chat session is appended here and gets the next ``seq`` of
+its session; listeners on this instance are called with each appended event,
+in ``seq`` order per session. ``read_after`` serves reconnecting clients from a
+bounded window: it answers ``None`` when events after ``after_seq`` are no
+longer all held, so the client knows to reload over REST.
+
+Implementations: :class:`MemorySessionLog` (embedded default, one process) and
+the Redis one (``chathub.server.redis_log``), chosen by ``create_session_log``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from chathub.config import Settings
+
+import orjson
+
+log = logging.getLogger("chathub.log")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One session event, encoded once: ``frame`` is the JSON text sent to
+    every socket and kept in the log."""
+
+    session_id: str
+    seq: int
+    type: str
+    frame: str
+
+    @classmethod
+    def build(cls, session_id: str, seq: int, type: str, data: dict[str, Any]) -> Event:
+        body = {"type": type, "session_id": session_id, "seq": seq, **data}
+        return cls(session_id, seq, type, orjson.dumps(body).decode())
+
+    def data(self) -> dict[str, Any]:
+        decoded: dict[str, Any] = orjson.loads(self.frame)
+        return decoded
+
+
+Listener = Callable[[Event], None]
+
+
+class SessionLog(Protocol):
+    async def append(self, session_id: str, type: str, data: dict[str, Any]) -> Event:
+        """Append an event with the session's next ``seq``; listeners on this
+        instance receive it (for the memory log, before this returns)."""
+        ...
+
+    async def read_after(self, session_id: str, after_seq: int) -> list[Event] | None:
+        """Every held event with ``seq > after_seq``, in order; ``None`` when
+        some of them are no longer held (or ``after_seq`` is in the future)."""
+        ...
+
+    async def last_seq(self, session_id: str) -> int: ...
+
+    async def ensure_floor(self, session_id: str, seq: int) -> None:
+        """Make sure the next ``seq`` is above ``seq`` (the last one stored in
+        the database), so that a log that lost its state never reuses one."""
+        ...
+
+    def add_listener(self, listener: Listener) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ready(self) -> bool: ...
+
+
+@dataclass
+class _Window:
+    next_seq: int
+    events: deque[Event]
+    touched: float
+
+
+class MemorySessionLog:
+    """In-process log: a bounded deque per session, idle sessions expire."""
+
+    def __init__(self, *, max_length: int = 10_000, ttl_s: float = 86_400) -> None:
+        self.max_length = max_length
+        self.ttl_s = ttl_s
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
+        self._listeners: list[Listener] = []
+
+    def _window(self, session_id: str) -> _Window:
+        window = self._windows.get(session_id)
+        now = time.monotonic()
+        if window is None:
+            window = _Window(next_seq=1, events=deque(maxlen=self.max_length), touched=now)
+            self._windows[session_id] = window
+        else:
+            window.touched = now
+            self._windows.move_to_end(session_id)
+        self._expire(now)
+        return window
+
+    def _expire(self, now: float) -> None:
+        while self._windows:
+            oldest_id, oldest = next(iter(self._windows.items()))
+            if now - oldest.touched < self.ttl_s:
+                break
+            # Keep the counter: a forgotten window would restart seq at 1.
+            if oldest.events:
+                oldest.events.clear()
+            self._windows.move_to_end(oldest_id)
+            oldest.touched = now
+
+    async def append(self, session_id: str, type: str, data: dict[str, Any]) -> Event:
+        window = self._window(session_id)
+        event = Event.build(session_id, window.next_seq, type, data)
+        window.next_seq += 1
+        window.events.append(event)
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("session log listener failed")
+        return event
+
+    async def read_after(self, session_id: str, after_seq: int) -> list[Event] | None:
+        window = self._window(session_id)
+        last = window.next_seq - 1
+        if after_seq > last:
+            return None
+        if after_seq == last:
+            return []
+        events = window.events
+        if not events or events[0].seq > after_seq + 1:
+            return None
+        start = after_seq + 1 - events[0].seq
+        return [events[i] for i in range(start, len(events))]
+
+    async def last_seq(self, session_id: str) -> int:
+        return self._window(session_id).next_seq - 1
+
+    async def ensure_floor(self, session_id: str, seq: int) -> None:
+        window = self._window(session_id)
+        if window.next_seq <= seq:
+            window.next_seq = seq + 1
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._windows.clear()
+
+    async def ready(self) -> bool:
+        return True
+
+
+def create_session_log(settings: Settings) -> SessionLog:
+    """``CHATHUB_REDIS_URL`` set: Redis Streams; otherwise in-process."""
+    if settings.redis_url:
+        from chathub.server.redis_log import RedisSessionLog
+
+        return RedisSessionLog(
+            settings.redis_url,
+            max_length=settings.session_log_length,
+            ttl_s=settings.session_log_ttl_s,
+        )
+    return MemorySessionLog(
+        max_length=settings.session_log_length, ttl_s=settings.session_log_ttl_s
+    )
