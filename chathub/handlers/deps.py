@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Header, Query, Request
@@ -11,7 +12,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chathub.auth import Principal, looks_like_api_key
 from chathub.errors import Forbidden, Unauthorized
 from chathub.server.state import AppState
+from chathub.storage.models import utcnow
 from chathub.storage.repositories import teams
+
+# last_used_at is kept to this resolution, so that using a key is not a write
+# on every request.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 
 def get_state(request: Request) -> AppState:
@@ -48,7 +54,9 @@ async def authenticate(state: AppState, db: AsyncSession, token: str) -> Princip
         if found is None:
             raise Unauthorized("unknown or revoked API key")
         key, member = found
-        await teams.touch_api_key(db, key.id)
+        now = utcnow()
+        if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+            await teams.touch_api_key(db, key.id)
         return Principal(
             member_id=member.id, team_id=member.team_id, role=key.role, api_key_id=key.id
         )
@@ -62,10 +70,13 @@ async def authenticate(state: AppState, db: AsyncSession, token: str) -> Princip
 
 async def current_principal(
     state: StateDep,
-    db: SessionDep,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Principal:
-    return await authenticate(state, db, bearer_token(authorization))
+    """Authenticates in a short transaction of its own, so that the route's
+    transaction (or a route with none, like a streaming one) never waits on it."""
+    token = bearer_token(authorization)
+    async with state.sessionmaker() as db, db.begin():
+        return await authenticate(state, db, token)
 
 
 CurrentUser = Annotated[Principal, Depends(current_principal)]

@@ -32,18 +32,17 @@ async def readyz(state: StateDep) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
-    checks["bus"] = "ok"
-    bus = state.extras.get("bus")
-    if bus is not None and hasattr(bus, "ready"):
-        checks["bus"] = "ok" if await bus.ready() else "error"
-    if state.provider is None:
-        checks["llm"] = "not configured"
-    else:
+    for name, probe in (
+        ("bus", state.bus.ready),
+        ("session_log", state.session_log.ready),
+        ("llm", state.provider.ready),
+    ):
         try:
-            checks["llm"] = "ok" if await state.provider.ready() else "error"
+            async with asyncio.timeout(3):
+                checks[name] = "ok" if await probe() else "error"
         except Exception as exc:
-            checks["llm"] = f"error: {type(exc).__name__}"
-    ready = all(v in ("ok", "not configured") for v in checks.values())
+            checks[name] = f"error: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "unavailable", "checks": checks},
         status_code=200 if ready else 503,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query
-from pydantic import Field
-from starlette.responses import Response
+import orjson
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
+from starlette.responses import Response, StreamingResponse
 
-from chathub.errors import NotImplementedYet
-from chathub.handlers.deps import MemberUser, PageDep, SessionDep, Viewer
+from chathub.handlers.deps import MemberUser, PageDep, SessionDep, StateDep, Viewer
 from chathub.handlers.schemas import Page, StrictBody, errors
+from chathub.ids import new_id
+from chathub.server.connection import Connection
+from chathub.server.state import AppState
 from chathub.storage.repositories import audit
 from chathub.storage.repositories import sessions as repo
 from chathub.wire import MessageOut, SessionOut
@@ -123,7 +127,95 @@ async def list_messages(
     )
 
 
-@router.post("/{session_id}/messages", responses=errors(403, 404, 501))
-async def post_message(session_id: str, principal: MemberUser, db: SessionDep) -> None:
-    await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
-    raise NotImplementedYet("replies without a socket are not available yet")
+class MessageCreate(StrictBody):
+    content: str = Field(min_length=1, max_length=100_000)
+    client_msg_id: str | None = Field(
+        default=None, min_length=1, max_length=128, description="idempotency key"
+    )
+    mode: str | None = Field(default=None, pattern=MODE_PATTERN)
+    file_ids: list[str] | None = Field(default=None, max_length=20)
+
+
+class TurnOut(BaseModel):
+    message: MessageOut
+    reply: MessageOut | None
+    duplicate: bool
+
+
+@router.post(
+    "/{session_id}/messages",
+    responses={
+        **errors(403, 404, 409),
+        200: {
+            "description": "The finished turn; with `Accept: text/event-stream`, the "
+            "session events of the reply as server-sent events",
+            "content": {"text/event-stream": {}},
+        },
+    },
+)
+async def post_message(
+    session_id: str, body: MessageCreate, principal: MemberUser, state: StateDep, request: Request
+) -> Response:
+    """Send a message without a socket. The reply streams as server-sent
+    events (the same event objects as on the socket) when the client asks
+    for ``text/event-stream``; otherwise this answers once the reply ends.
+    A retry with the same ``client_msg_id`` starts nothing and answers with
+    the stored turn as JSON."""
+    async with state.sessionmaker() as db:
+        chat = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
+    await state.session_log.ensure_floor(chat.id, chat.last_seq)
+    sink = Connection(None, new_id(), principal, max_queue=1_000_000)
+    await state.hub.join(sink, session_id, None)
+    try:
+        result = await state.replies.send(
+            principal,
+            session_id=session_id,
+            client_msg_id=body.client_msg_id or new_id(),
+            content=body.content,
+            mode=body.mode,
+            file_ids=body.file_ids,
+        )
+    except BaseException:
+        state.hub.leave(sink, session_id)
+        raise
+    wants_sse = "text/event-stream" in request.headers.get("accept", "")
+    if wants_sse and not result.duplicate and result.reply_id is not None:
+        return StreamingResponse(
+            _event_stream(state, sink, session_id, result.reply_id),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    state.hub.leave(sink, session_id)
+    if result.reply_id is not None:
+        await state.replies.wait(result.reply_id)
+    async with state.sessionmaker() as db:
+        message = await repo.get_message(
+            db, team_id=principal.team_id, message_id=result.message["id"]
+        )
+        reply = await repo.reply_for(db, user_message_id=message.id)
+        turn = TurnOut(
+            message=MessageOut.model_validate(message),
+            reply=MessageOut.model_validate(reply) if reply else None,
+            duplicate=result.duplicate,
+        )
+    return Response(
+        turn.model_dump_json(),
+        status_code=200 if result.duplicate else 201,
+        media_type="application/json",
+    )
+
+
+async def _event_stream(
+    state: AppState, sink: Connection, session_id: str, reply_id: str
+) -> AsyncIterator[str]:
+    try:
+        while not sink.closed:
+            for frame in await sink.take():
+                event = orjson.loads(frame)
+                yield f"id: {event.get('seq', '')}\nevent: {event['type']}\ndata: {frame}\n\n"
+                if event["type"] in ("reply.completed", "reply.failed") and (
+                    event.get("reply_id") == reply_id
+                ):
+                    return
+    finally:
+        state.hub.leave(sink, session_id)

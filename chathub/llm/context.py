@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from chathub.llm.base import ChatTurn, CompletionRequest
+from chathub.llm.base import ChatTurn, CompletionRequest, Role
 from chathub.llm.modes import Mode
 
 
@@ -35,7 +35,7 @@ def build_request(
         if picked and used + cost > budget:
             break
         used += cost
-        role = "user" if item.role == "user" else "assistant"
+        role: Role = "user" if item.role == "user" else "assistant"
         if picked and picked[-1].role == role:
             picked[-1] = ChatTurn(role, item.content + "\n\n" + picked[-1].content)
         else:

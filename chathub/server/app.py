@@ -13,8 +13,8 @@ from fastapi import FastAPI
 from chathub import __version__
 from chathub.auth import TokenCodec
 from chathub.config import Settings
-from chathub.server import problems
 from chathub.llm.factory import create_provider
+from chathub.server import problems
 from chathub.server.bus import create_bus
 from chathub.server.dashboards import Dashboards
 from chathub.server.hub import Hub

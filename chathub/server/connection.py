@@ -46,8 +46,16 @@ class SessionCursor:
 
 
 class Connection:
+    """A subscriber to sessions and dashboards. With a ``websocket`` a writer
+    task sends its frames; without one (server-sent events) the owner reads
+    them with :meth:`take`."""
+
     def __init__(
-        self, websocket: WebSocket, connection_id: str, principal: Principal, max_queue: int
+        self,
+        websocket: WebSocket | None,
+        connection_id: str,
+        principal: Principal,
+        max_queue: int,
     ) -> None:
         self.websocket = websocket
         self.id = connection_id
@@ -59,6 +67,8 @@ class Connection:
         self.close_code: int | None = None
         self._queue: deque[str] = deque()
         self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._writer: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -74,7 +84,16 @@ class Connection:
             self.close_soon(CLOSE_SLOW, "slow consumer: send queue full")
             return
         self._queue.append(frame)
+        self._drained.clear()
         self._ready.set()
+
+    async def take(self) -> list[str]:
+        """Wait for queued frames and return them all (socket-less use)."""
+        await self._ready.wait()
+        self._ready.clear()
+        frames = list(self._queue)
+        self._queue.clear()
+        return frames
 
     @property
     def queue_depth(self) -> int:
@@ -94,6 +113,7 @@ class Connection:
 
     async def _write_loop(self) -> None:
         ws = self.websocket
+        assert ws is not None
         try:
             while True:
                 await self._ready.wait()
@@ -102,6 +122,7 @@ class Connection:
                     frame = self._queue.popleft()
                     await ws.send_text(frame)
                     metrics.FRAMES_OUT.inc()
+                self._drained.set()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -115,6 +136,7 @@ class Connection:
         self.closed = True
         self.close_code = code
         self._queue.clear()
+        self._ready.set()
         asyncio.get_running_loop().create_task(self._close(code, reason))
 
     async def _close(self, code: int, reason: str) -> None:
@@ -122,7 +144,10 @@ class Connection:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer
-        if self.websocket.application_state == WebSocketState.CONNECTED:
+        if (
+            self.websocket is not None
+            and self.websocket.application_state == WebSocketState.CONNECTED
+        ):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
                     await self.websocket.close(code, reason)
@@ -131,8 +156,8 @@ class Connection:
         """Flush what is queued (best effort), then stop the writer."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while self._queue and not self.closed:
-                    await asyncio.sleep(0.01)
+                if not self.closed:
+                    await self._drained.wait()
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from chathub.config import Settings
-
 import orjson
+
+from chathub.config import Settings
 
 log = logging.getLogger("chathub.log")
 

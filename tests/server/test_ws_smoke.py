@@ -30,3 +30,38 @@ async def test_full_turn(
     seqs = [f["seq"] for f in frames if "seq" in f]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     await ws.close()
+
+
+async def test_post_message_sse_and_json(client: httpx.AsyncClient, team: TeamFixture) -> None:
+    h = team.owner.headers
+    sid = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
+    events = []
+    async with client.stream(
+        "POST",
+        f"/chat/sessions/{sid}/messages",
+        json={"content": "stream me", "client_msg_id": "a1"},
+        headers=h | {"accept": "text/event-stream"},
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        import json
+
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    types = [e["type"] for e in events]
+    assert types[0] == "message.created" and types[-1] == "reply.completed"
+    text = "".join(e["text"] for e in events if e["type"] == "reply.delta")
+    assert text and events[-1]["message"]["content"] == text
+
+    r = await client.post(f"/chat/sessions/{sid}/messages", json={"content": "now json"}, headers=h)
+    assert r.status_code == 201, r.text
+    turn = r.json()
+    assert turn["reply"]["status"] == "complete" and turn["reply"]["content"]
+    again = await client.post(
+        f"/chat/sessions/{sid}/messages",
+        json={"content": "stream me", "client_msg_id": "a1"},
+        headers=h,
+    )
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert again.json()["reply"]["content"] == text

