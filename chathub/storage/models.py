@@ -145,6 +145,7 @@ class Message(Base):
     stop_reason: Mapped[str | None] = mapped_column(String(32), default=None)
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     file_ids: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    trace: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(default=None)
 
@@ -238,4 +239,36 @@ class AuditEvent(Base):
     target_type: Mapped[str] = mapped_column(String(32))
     target_id: Mapped[str | None] = mapped_column(ID, default=None)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TeamMode(Base):
+    """A mode a team defined for itself (the shipped ones live in the package)."""
+
+    __tablename__ = "modes"
+    __table_args__ = (UniqueConstraint("team_id", "name", name="uq_modes_team_name"),)
+    id: Mapped[str] = id_column()
+    team_id: Mapped[str] = team_column()
+    name: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_by: Mapped[str | None] = mapped_column(ID, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SessionSummary(Base):
+    """The rolling summary of a session's older turns; versioned, immutable."""
+
+    __tablename__ = "session_summaries"
+    __table_args__ = (
+        UniqueConstraint("session_id", "version", name="uq_session_summaries_version"),
+    )
+    id: Mapped[str] = id_column()
+    team_id: Mapped[str] = team_column()
+    session_id: Mapped[str] = mapped_column(
+        ID, ForeignKey("chat_sessions.id", ondelete="CASCADE"), index=True
+    )
+    version: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    covers_until: Mapped[str] = mapped_column(ID)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
