@@ -7,7 +7,7 @@ from fastapi import APIRouter
 
 
 def routers() -> list[APIRouter]:
-    from chathub.handlers import auth, dashboard, files, health, sessions, team, ws
+    from chathub.handlers import auth, dashboard, files, health, modes, sessions, team, ws
 
     return [
         health.router,
@@ -16,5 +16,6 @@ def routers() -> list[APIRouter]:
         dashboard.router,
         team.router,
         files.router,
+        modes.router,
         ws.router,
     ]

@@ -8,14 +8,17 @@ from typing import Annotated
 import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response, StreamingResponse
 
+from chathub.errors import BadRequest
 from chathub.handlers.deps import MemberUser, PageDep, SessionDep, StateDep, Viewer
 from chathub.handlers.schemas import Page, StrictBody, errors
 from chathub.ids import new_id
 from chathub.server.connection import Connection
 from chathub.server.state import AppState
 from chathub.storage.repositories import audit
+from chathub.storage.repositories import modes as modes_repo
 from chathub.storage.repositories import sessions as repo
 from chathub.wire import MessageOut, SessionOut
 
@@ -33,6 +36,11 @@ class SessionPatch(StrictBody):
     title: str | None = Field(default=None, max_length=500)
     mode: str | None = Field(default=None, pattern=MODE_PATTERN)
     archived: bool | None = None
+
+
+async def _check_mode(db: AsyncSession, team_id: str, name: str) -> None:
+    if await modes_repo.resolve_mode(db, team_id=team_id, name=name) is None:
+        raise BadRequest(f"unknown mode {name!r}")
 
 
 @router.get("", responses=errors())
@@ -62,6 +70,7 @@ async def list_sessions(
 
 @router.post("", status_code=201, responses=errors(403))
 async def create_session(body: SessionCreate, principal: MemberUser, db: SessionDep) -> SessionOut:
+    await _check_mode(db, principal.team_id, body.mode)
     row = await repo.create_session(
         db,
         team_id=principal.team_id,
@@ -84,6 +93,8 @@ async def patch_session(
 ) -> SessionOut:
     row = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
+    if "mode" in changes:
+        await _check_mode(db, principal.team_id, changes["mode"])
     row = await repo.update_session(db, row, **changes)
     return SessionOut.model_validate(row)
 

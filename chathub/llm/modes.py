@@ -1,49 +1,71 @@
-"""Modes: how a session's replies are shaped. A mode is data."""
+"""Modes: how a session's replies are shaped. A mode is data.
+
+The shipped modes live in ``modes.toml`` beside this module; teams add their
+own (stored in the database, managed over REST) with the same fields. A mode
+may declare a ``flow``: steps run in order, each but the last answering with
+structured data (its ``schema``) that is handed to the next; only the last
+step streams to the user.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tomllib
+from functools import cache
+from importlib import resources
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MODE_NAME = r"^[a-z][a-z0-9_-]{0,63}$"
 
 
-@dataclass(frozen=True)
-class Mode:
-    name: str
-    system_prompt: str
-    temperature: float = 0.7
-    max_output_tokens: int = 512
-    context_budget: int = 3072
+class FlowStep(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+    prompt: Annotated[str, Field(min_length=1, max_length=20_000)]
+    output_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
+class Mode(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=MODE_NAME)]
+    description: Annotated[str, Field(max_length=500)] = ""
+    system_prompt: Annotated[str, Field(min_length=1, max_length=20_000)]
+    provider: Annotated[str, Field(max_length=500)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
+    max_output_tokens: Annotated[int, Field(ge=16, le=32_000)] = 1024
+    context_budget: Annotated[int, Field(ge=512, le=1_000_000)] = 8192
+    guardrails: dict[str, Any] = Field(default_factory=dict)
     extraction: bool = True
+    flow: Annotated[list[FlowStep], Field(max_length=8)] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _flow_shape(self) -> Mode:
+        if self.flow:
+            *structured, last = self.flow
+            if any(step.output_schema is None for step in structured):
+                raise ValueError("every flow step but the last needs a schema")
+            if last.output_schema is not None:
+                raise ValueError("the last flow step streams text: it has no schema")
+            if len({step.name for step in self.flow}) != len(self.flow):
+                raise ValueError("flow step names must be unique")
+        if self.max_output_tokens >= self.context_budget:
+            raise ValueError("max_output_tokens must be below context_budget")
+        return self
+
+    @property
+    def steps(self) -> list[str]:
+        return [step.name for step in self.flow] or ["answer"]
 
 
-SHIPPED: dict[str, Mode] = {
-    mode.name: mode
-    for mode in (
-        Mode(
-            "chat",
-            "You are a helpful, concise assistant for a team. Answer clearly and "
-            "say when you are unsure.",
-        ),
-        Mode(
-            "plan",
-            "You help a team plan work. Turn goals into concrete tasks with an "
-            "owner and a due date when they are known, and list open questions.",
-            temperature=0.4,
-        ),
-        Mode(
-            "reflect",
-            "You help a team reflect. Point out patterns, risks and insights in "
-            "what they describe, and ask one good question back.",
-        ),
-        Mode(
-            "summarise",
-            "You summarise conversations faithfully and briefly: decisions, tasks "
-            "with owners, open questions. Do not invent anything.",
-            temperature=0.2,
-            extraction=False,
-        ),
-    )
-}
+@cache
+def shipped_modes() -> dict[str, Mode]:
+    raw = tomllib.loads(resources.files("chathub.llm").joinpath("modes.toml").read_text())
+    return {name: Mode(name=name, **spec) for name, spec in raw.items()}
 
 
 def get_mode(name: str) -> Mode | None:
-    return SHIPPED.get(name)
+    """A shipped mode by name (team modes are looked up in storage first)."""
+    return shipped_modes().get(name)

@@ -33,12 +33,13 @@ from chathub.llm.base import (
     Usage,
 )
 from chathub.llm.context import HistoryItem, build_request
-from chathub.llm.modes import Mode, get_mode
+from chathub.llm.modes import Mode
 from chathub.llm.retry import stream_with_retry
 from chathub.server import metrics
 from chathub.server.bus import Bus
 from chathub.server.session_log import SessionLog
 from chathub.storage.db import transaction
+from chathub.storage.repositories import modes as modes_repo
 from chathub.storage.repositories import sessions as repo
 from chathub.wire import message_view
 
@@ -151,7 +152,9 @@ class Replies:
                 )
             if session_id in self._by_session:
                 raise Conflict("a reply is already being generated in this session")
-            mode = get_mode(mode_name or chat.mode)
+            mode = await modes_repo.resolve_mode(
+                db, team_id=principal.team_id, name=mode_name or chat.mode
+            )
             if mode is None:
                 raise BadRequest(f"unknown mode {mode_name or chat.mode!r}")
             history = await repo.recent_messages(db, session_id=session_id, limit=HISTORY_TURNS)

@@ -1,0 +1,80 @@
+"""Team-defined modes. The shipped ones come from the package; a team's own
+never shadow them."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chathub.errors import Conflict, Forbidden, NotFound
+from chathub.llm.modes import Mode, get_mode, shipped_modes
+from chathub.storage.models import TeamMode, utcnow
+
+
+async def resolve_mode(db: AsyncSession, *, team_id: str, name: str) -> Mode | None:
+    """The mode called ``name`` for this team: shipped, else the team's own."""
+    shipped = get_mode(name)
+    if shipped is not None:
+        return shipped
+    row = await _row(db, team_id=team_id, name=name)
+    return Mode.model_validate(row.spec) if row is not None else None
+
+
+async def _row(db: AsyncSession, *, team_id: str, name: str) -> TeamMode | None:
+    return await db.scalar(
+        select(TeamMode).where(TeamMode.team_id == team_id, TeamMode.name == name)
+    )
+
+
+async def list_modes(db: AsyncSession, *, team_id: str) -> list[tuple[Mode, str]]:
+    """Every mode the team can use, with its source (``shipped`` or ``team``)."""
+    rows = await db.scalars(
+        select(TeamMode).where(TeamMode.team_id == team_id).order_by(TeamMode.name)
+    )
+    out = [(mode, "shipped") for mode in shipped_modes().values()]
+    out += [(Mode.model_validate(row.spec), "team") for row in rows]
+    return out
+
+
+async def create_mode(db: AsyncSession, *, team_id: str, mode: Mode, created_by: str) -> Mode:
+    if mode.name in shipped_modes():
+        raise Conflict(f"{mode.name!r} is a shipped mode")
+    if await _row(db, team_id=team_id, name=mode.name) is not None:
+        raise Conflict(f"mode {mode.name!r} exists")
+    db.add(
+        TeamMode(
+            team_id=team_id,
+            name=mode.name,
+            spec=mode.model_dump(mode="json", by_alias=True),
+            created_by=created_by,
+        )
+    )
+    try:
+        async with db.begin_nested():
+            await db.flush()
+    except IntegrityError as exc:
+        raise Conflict(f"mode {mode.name!r} exists") from exc
+    return mode
+
+
+async def replace_mode(db: AsyncSession, *, team_id: str, mode: Mode) -> Mode:
+    if mode.name in shipped_modes():
+        raise Forbidden("shipped modes cannot be changed")
+    row = await _row(db, team_id=team_id, name=mode.name)
+    if row is None:
+        raise NotFound("mode not found")
+    row.spec = mode.model_dump(mode="json", by_alias=True)
+    row.updated_at = utcnow()
+    await db.flush()
+    return mode
+
+
+async def delete_mode(db: AsyncSession, *, team_id: str, name: str) -> None:
+    if name in shipped_modes():
+        raise Forbidden("shipped modes cannot be deleted")
+    row = await _row(db, team_id=team_id, name=name)
+    if row is None:
+        raise NotFound("mode not found")
+    await db.delete(row)
+    await db.flush()
