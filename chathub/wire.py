@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Out(BaseModel):
@@ -38,8 +38,12 @@ class MessageOut(Out):
     usage: dict[str, Any] | None
     created_at: datetime
     completed_at: datetime | None
+    trace: dict[str, Any] | None = Field(
+        default=None, description="intermediate results of a reasoning flow (admins only)"
+    )
 
 
 def message_view(row: object) -> dict[str, Any]:
-    """A stored message as the JSON-ready object of the contract."""
-    return MessageOut.model_validate(row).model_dump(mode="json")
+    """A stored message as the JSON-ready object of the contract (the trace
+    is for admins over REST, never in session events)."""
+    return MessageOut.model_validate(row).model_dump(mode="json", exclude={"trace"})

@@ -132,10 +132,10 @@ async def list_messages(
         cursor=page.cursor,
         role=role,
     )
-    return Page(
-        items=[MessageOut.model_validate(m) for m in result.items],
-        next_cursor=result.next_cursor,
-    )
+    items = [MessageOut.model_validate(m) for m in result.items]
+    if not principal.has_role("admin"):
+        items = [m.model_copy(update={"trace": None}) for m in items]
+    return Page(items=items, next_cursor=result.next_cursor)
 
 
 class MessageCreate(StrictBody):

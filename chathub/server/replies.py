@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chathub.auth import Principal
@@ -29,12 +31,13 @@ from chathub.llm.base import (
     ProviderError,
     StreamEnd,
     StreamEvent,
+    StructuredOutput,
     TextDelta,
     Usage,
 )
 from chathub.llm.context import HistoryItem, build_request
 from chathub.llm.modes import Mode
-from chathub.llm.retry import stream_with_retry
+from chathub.llm.retry import call_with_retry, stream_with_retry
 from chathub.server import metrics
 from chathub.server.bus import Bus
 from chathub.server.session_log import SessionLog
@@ -79,6 +82,7 @@ class ReplyRun:
     flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     flush_timer: asyncio.TimerHandle | None = None
     first_token_at: float | None = None
+    trace: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -240,9 +244,10 @@ class Replies:
                     "message_id": run.user_message_id,
                     "mode": run.mode.name,
                     "model": run.model,
+                    "steps": run.mode.steps,
                 },
             )
-            run.stream_task = asyncio.create_task(self._pump(run))
+            run.stream_task = asyncio.create_task(self._generate(run))
             try:
                 async with asyncio.timeout(self.settings.reply_timeout_s):
                     await run.stream_task
@@ -293,6 +298,7 @@ class Replies:
                     status=status,
                     stop_reason=stop_reason,
                     usage=usage_view,
+                    trace={"steps": run.trace} if run.trace else None,
                 )
                 stored = await repo.get_message(db, team_id=run.team_id, message_id=run.reply_id)
                 view = message_view(stored)
@@ -333,9 +339,38 @@ class Replies:
                 del self._by_session[run.session_id]
             run.done.set()
 
-    async def _pump(self, run: ReplyRun) -> None:
+    async def _generate(self, run: ReplyRun) -> None:
+        """Run the mode's flow: each structured step in order, its output
+        kept in the trace and handed to the next; the last step streams."""
+        request = run.request
+        if len(run.mode.flow) > 1:
+            provider = self.provider
+            *structured, last = run.mode.flow
+            if not isinstance(provider, StructuredOutput):
+                raise ProviderError("this provider cannot run reasoning flows", retryable=False)
+            for step in structured:
+                assert step.output_schema is not None
+                step_request = replace(request, system=_step_system(run, step.prompt))
+                output = await call_with_retry(
+                    functools.partial(
+                        provider.structured,
+                        step_request,
+                        name=step.name,
+                        schema=step.output_schema,
+                    )
+                )
+                run.trace.append({"step": step.name, "output": output})
+                await self.log.append(
+                    run.session_id,
+                    "reply.step",
+                    {"reply_id": run.reply_id, "step": step.name, "status": "done"},
+                )
+            request = replace(request, system=_step_system(run, last.prompt))
+        await self._pump(run, request)
+
+    async def _pump(self, run: ReplyRun, request: CompletionRequest) -> None:
         """Provider → coalescer → session log."""
-        stream: AsyncIterator[StreamEvent] = stream_with_retry(self.provider, run.request)
+        stream: AsyncIterator[StreamEvent] = stream_with_retry(self.provider, request)
         window = self.settings.coalesce_ms / 1000
         limit = self.settings.coalesce_chars
         loop = asyncio.get_running_loop()
@@ -403,3 +438,12 @@ class Replies:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _step_system(run: ReplyRun, step_prompt: str) -> str:
+    """The system prompt of a flow step: the mode's, the step's, and what the
+    earlier steps produced."""
+    parts = [run.mode.system_prompt, step_prompt]
+    for done in run.trace:
+        parts.append(f"{done['step']}:\n{orjson.dumps(done['output']).decode()}")
+    return "\n\n".join(parts)

@@ -184,6 +184,7 @@ async def finish_reply_message(
     status: str,
     stop_reason: str | None,
     usage: dict[str, Any] | None,
+    trace: dict[str, Any] | None = None,
 ) -> None:
     """Set the final text once; a reply already finished is left as it is."""
     await session.execute(
@@ -194,6 +195,7 @@ async def finish_reply_message(
             status=status,
             stop_reason=stop_reason,
             usage=usage,
+            trace=trace,
             completed_at=utcnow(),
         )
     )

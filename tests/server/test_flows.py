@@ -1,0 +1,46 @@
+"""Reasoning flows: the ``plan`` mode runs a structured step, then streams."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.harness import RunningServer, TeamFixture
+from tests.wsclient import WsClient, reply_end
+
+
+async def test_plan_mode_runs_its_flow_and_keeps_a_trace(
+    clean_server: RunningServer, client: httpx.AsyncClient, team: TeamFixture
+) -> None:
+    h = team.owner.headers
+    sid = (await client.post("/chat/sessions", json={"mode": "plan"}, headers=h)).json()["id"]
+    ws = await WsClient.connect(clean_server.ws_url, team.owner.api_key)
+    await ws.request({"type": "join", "session_id": sid})
+    ack = await ws.request(
+        {
+            "type": "message.send",
+            "session_id": sid,
+            "client_msg_id": "p1",
+            "content": "Launch the beta by Friday; Ana owns QA.",
+        }
+    )
+    frames = await ws.until(reply_end(ack["reply_id"]))
+    await ws.close()
+    by_type = {f["type"]: f for f in ws.seen}
+    assert by_type["reply.started"]["steps"] == ["frame", "plan"]
+    assert by_type["reply.step"]["step"] == "frame"
+    assert frames[-1]["type"] == "reply.completed"
+    text = "".join(f["text"] for f in ws.seen if f["type"] == "reply.delta")
+    assert frames[-1]["message"]["content"] == text and text
+    assert "trace" not in frames[-1]["message"]
+
+    history = (await client.get(f"/chat/sessions/{sid}/messages", headers=h)).json()["items"]
+    reply = next(m for m in history if m["role"] == "assistant")
+    step = reply["trace"]["steps"][0]
+    assert step["step"] == "frame"
+    assert set(step["output"]) >= {"goals", "constraints", "open_questions"}
+
+    member = await team.actor("member")
+    seen_by_member = (
+        await client.get(f"/chat/sessions/{sid}/messages", headers=member.headers)
+    ).json()
+    assert all(m["trace"] is None for m in seen_by_member["items"])
