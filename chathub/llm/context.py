@@ -1,52 +1,174 @@
-"""Building the prompt of a reply from the session's history. Pure."""
+"""Building the prompt of a reply within a token budget. No I/O of its own:
+token counting is passed in (the provider's counter, or the estimate).
+
+A prompt is, in order: the mode's system prompt, the rolling summary of the
+turns older than those sent, excerpts of attached text files (newest first,
+each cut to a limit), then the newest turns that fit. The result never
+exceeds the budget: older turns are dropped first, then file excerpts, then
+the newest user turn itself is cut.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 
-from chathub.llm.base import ChatTurn, CompletionRequest, Role
+from chathub.llm.base import (
+    ChatTurn,
+    CompletionRequest,
+    Role,
+    estimate_request_tokens,
+    estimate_tokens,
+)
 from chathub.llm.modes import Mode
+
+Counter = Callable[[CompletionRequest], Awaitable[int]]
+TURN_OVERHEAD = 4  # role markers and separators per turn, in tokens
+FILE_EXCERPT_CHARS = 4000
+MIN_INPUT_TOKENS = 64
 
 
 @dataclass(frozen=True)
 class HistoryItem:
     role: str
     content: str
+    id: str = ""
 
 
-def estimate_tokens(text: str) -> int:
-    """A provider-independent estimate: about four characters per token."""
-    return (len(text) + 3) // 4
+@dataclass(frozen=True)
+class FileExcerpt:
+    name: str
+    text: str
 
 
-def build_request(
-    mode: Mode, history: Sequence[HistoryItem], *, model: str | None = None
-) -> CompletionRequest:
-    """The newest turns that fit the mode's budget, oldest first, starting
-    with a user turn and never two turns of one role in a row."""
-    budget = mode.context_budget - estimate_tokens(mode.system_prompt) - mode.max_output_tokens
-    picked: list[ChatTurn] = []
-    used = 0
-    for item in reversed(history):
+@dataclass(frozen=True)
+class BuiltPrompt:
+    request: CompletionRequest
+    input_tokens: int
+    sent: int
+    """How many history items made it into the prompt (the newest ones)."""
+    dropped: int
+    """How many older history items did not fit: the summary should cover them."""
+
+
+async def estimate_counter(request: CompletionRequest) -> int:
+    return estimate_request_tokens(request) + TURN_OVERHEAD * len(request.turns)
+
+
+def input_budget(mode: Mode, window: int | None) -> int:
+    """Tokens the prompt may use: the smaller of the mode's budget and the
+    model's window, less the room kept for the answer."""
+    total = mode.context_budget if window is None else min(mode.context_budget, window)
+    return max(MIN_INPUT_TOKENS, total - mode.max_output_tokens)
+
+
+def _system(mode: Mode, summary: str | None, files: Sequence[FileExcerpt]) -> str:
+    parts = [mode.system_prompt]
+    if summary:
+        parts.append(f"Summary of the earlier conversation:\n{summary}")
+    for excerpt in files:
+        parts.append(f"Attached file {excerpt.name!r} (excerpt):\n{excerpt.text}")
+    return "\n\n".join(parts)
+
+
+def _turns(items: Sequence[HistoryItem]) -> list[ChatTurn]:
+    """Alternating turns starting with a user turn; same-role runs merged."""
+    turns: list[ChatTurn] = []
+    for item in items:
         if item.role not in ("user", "assistant") or not item.content:
             continue
-        cost = estimate_tokens(item.content) + 4
-        if picked and used + cost > budget:
+        role: Role = "user" if item.role == "user" else "assistant"
+        if turns and turns[-1].role == role:
+            turns[-1] = ChatTurn(role, turns[-1].content + "\n\n" + item.content)
+        else:
+            turns.append(ChatTurn(role, item.content))
+    while turns and turns[0].role != "user":
+        turns.pop(0)
+    return turns
+
+
+def _pick(items: Sequence[HistoryItem], budget: int) -> int:
+    """How many of the newest items fit ``budget`` by the estimate (at least one)."""
+    used = 0
+    count = 0
+    for item in reversed(items):
+        cost = estimate_tokens(item.content) + TURN_OVERHEAD
+        if count and used + cost > budget:
             break
         used += cost
-        role: Role = "user" if item.role == "user" else "assistant"
-        if picked and picked[-1].role == role:
-            picked[-1] = ChatTurn(role, item.content + "\n\n" + picked[-1].content)
-        else:
-            picked.append(ChatTurn(role, item.content))
-    picked.reverse()
-    while picked and picked[0].role != "user":
-        picked.pop(0)
-    return CompletionRequest(
-        turns=picked,
-        system=mode.system_prompt,
+        count += 1
+    return count
+
+
+async def build_prompt(
+    mode: Mode,
+    history: Sequence[HistoryItem],
+    *,
+    summary: str | None = None,
+    files: Sequence[FileExcerpt] = (),
+    window: int | None = None,
+    count: Counter = estimate_counter,
+    model: str | None = None,
+    excerpt_chars: int = FILE_EXCERPT_CHARS,
+) -> BuiltPrompt:
+    """The request for the newest turns of ``history`` (oldest first, ending
+    with the user's message) that fits the budget, counted with ``count``."""
+    budget = input_budget(mode, window)
+    excerpts = [FileExcerpt(f.name, f.text[:excerpt_chars]) for f in files]
+    system = _system(mode, summary, excerpts)
+    room = budget - estimate_tokens(system)
+    keep = _pick(history, max(room, 0))
+    request = CompletionRequest(
+        turns=_turns(history[len(history) - keep :]),
+        system=system,
         model=model,
         temperature=mode.temperature,
         max_tokens=mode.max_output_tokens,
+    )
+    # The estimate chose the turns; the provider's own counter has the last
+    # word. Drop more (then files, then cut the last turn) until it fits.
+    tokens = await count(request)
+    for _ in range(8):
+        if tokens <= budget:
+            break
+        if keep > 1:
+            over = tokens / budget
+            keep = max(1, min(keep - 1, int(keep / over) - 1))
+            request = replace(request, turns=_turns(history[len(history) - keep :]))
+        elif excerpts:
+            excerpts = excerpts[:-1]
+            request = replace(request, system=_system(mode, summary, excerpts))
+        else:
+            request = _cut_last_turn(request, budget, tokens)
+        tokens = await count(request)
+    if tokens > budget:
+        # Counting disagrees with every cut: send the smallest faithful prompt.
+        request = _cut_last_turn(replace(request, system=mode.system_prompt), budget, tokens)
+        tokens = await count(request)
+    return BuiltPrompt(request, tokens, keep, len(history) - keep)
+
+
+def _cut_last_turn(request: CompletionRequest, budget: int, tokens: int) -> CompletionRequest:
+    if not request.turns:
+        return request
+    last = request.turns[-1]
+    ratio = budget / max(tokens, 1)
+    chars = max(16, int(len(last.content) * ratio * 0.9))
+    cut = ChatTurn(last.role, last.content[-chars:])
+    return replace(request, turns=[cut])
+
+
+def summary_prompt(previous: str | None, items: Sequence[HistoryItem]) -> CompletionRequest:
+    """Ask for a new rolling summary from the previous one and older turns."""
+    lines = [f"{item.role}: {item.content}" for item in items]
+    body = ("Previous summary:\n" + previous + "\n\n" if previous else "") + "\n".join(lines)
+    return CompletionRequest(
+        turns=[ChatTurn("user", body)],
+        system=(
+            "Summarise the conversation below for someone who will continue it: "
+            "decisions, facts, tasks with owners and dates, open questions. Be brief "
+            "and faithful; never add anything that was not said."
+        ),
+        temperature=0.2,
+        max_tokens=400,
     )

@@ -33,9 +33,15 @@ from chathub.llm.base import (
     StreamEvent,
     StructuredOutput,
     TextDelta,
+    TokenCounter,
     Usage,
 )
-from chathub.llm.context import HistoryItem, build_request
+from chathub.llm.context import (
+    HistoryItem,
+    build_prompt,
+    estimate_counter,
+    summary_prompt,
+)
 from chathub.llm.modes import Mode
 from chathub.llm.retry import call_with_retry, stream_with_retry
 from chathub.server import metrics
@@ -44,12 +50,15 @@ from chathub.server.session_log import SessionLog
 from chathub.storage.db import transaction
 from chathub.storage.repositories import modes as modes_repo
 from chathub.storage.repositories import sessions as repo
+from chathub.storage.repositories import summaries
 from chathub.wire import message_view
 
 log = logging.getLogger("chathub.replies")
 
 CANCEL_CHANNEL = "reply.cancel"
-HISTORY_TURNS = 50
+HISTORY_LIMIT = 400
+SUMMARY_KEEP_NEWEST = 6
+"""The newest messages after the summary that a prompt is built from."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,8 @@ class ReplyRun:
     user_message_id: str
     mode: Mode
     model: str
-    request: CompletionRequest
+    history: list[HistoryItem]
+    summary: str | None
     sent: list[str] = field(default_factory=list)
     buffer: list[str] = field(default_factory=list)
     buffered_at: float = 0.0
@@ -82,6 +92,7 @@ class ReplyRun:
     flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     flush_timer: asyncio.TimerHandle | None = None
     first_token_at: float | None = None
+    dropped: int = 0
     trace: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
 
@@ -106,6 +117,10 @@ class Replies:
         self._locks: dict[str, asyncio.Lock] = {}
         self._unsubscribe = bus.subscribe(CANCEL_CHANNEL, self._on_cancel_message)
         self._closing = False
+        self._summarising: dict[str, asyncio.Task[None]] = {}
+        # The model's context window where the provider knows it (llama.cpp's n_ctx).
+        window = getattr(provider, "n_ctx", None) or getattr(provider, "context_window", None)
+        self.window: int | None = window if isinstance(window, int) else None
 
     # -- sending -----------------------------------------------------------
 
@@ -161,7 +176,6 @@ class Replies:
             )
             if mode is None:
                 raise BadRequest(f"unknown mode {mode_name or chat.mode!r}")
-            history = await repo.recent_messages(db, session_id=session_id, limit=HISTORY_TURNS)
             user_message, _ = await repo.add_user_message(
                 db,
                 team_id=principal.team_id,
@@ -181,8 +195,14 @@ class Replies:
                 model=self.provider.model,
             )
             last_seq = chat.last_seq
-            items = [HistoryItem(m.role, m.content) for m in history]
-            items.append(HistoryItem("user", content))
+            summary = await summaries.latest(db, session_id=session_id)
+            history = await summaries.history_after(
+                db,
+                session_id=session_id,
+                after_id=summary.covers_until if summary else None,
+                limit=HISTORY_LIMIT,
+            )
+            items = [HistoryItem(m.role, m.content, m.id) for m in history]
             view = message_view(user_message)
         await self.log.ensure_floor(session_id, last_seq)
         run = ReplyRun(
@@ -192,7 +212,8 @@ class Replies:
             user_message_id=user_message.id,
             mode=mode,
             model=self.provider.model,
-            request=build_request(mode, items),
+            history=items,
+            summary=summary.text if summary else None,
         )
         self.runs[run.reply_id] = run
         self._by_session[session_id] = run
@@ -338,11 +359,20 @@ class Replies:
             if self._by_session.get(run.session_id) is run:
                 del self._by_session[run.session_id]
             run.done.set()
+            self._schedule_summary(run)
 
     async def _generate(self, run: ReplyRun) -> None:
         """Run the mode's flow: each structured step in order, its output
         kept in the trace and handed to the next; the last step streams."""
-        request = run.request
+        built = await build_prompt(
+            run.mode,
+            run.history,
+            summary=run.summary,
+            window=self.window,
+            count=self.count_tokens,
+        )
+        run.dropped = built.dropped
+        request = built.request
         if len(run.mode.flow) > 1:
             provider = self.provider
             *structured, last = run.mode.flow
@@ -421,6 +451,68 @@ class Replies:
             )
             run.sent.append(text)
 
+    async def count_tokens(self, request: CompletionRequest) -> int:
+        """The provider's own count where it has one, else the estimate."""
+        if isinstance(self.provider, TokenCounter):
+            try:
+                return await self.provider.count_tokens(request)
+            except ProviderError as exc:
+                log.warning("token count failed (%s); using the estimate", exc.code)
+        return await estimate_counter(request)
+
+    # -- summaries ---------------------------------------------------------
+
+    def _schedule_summary(self, run: ReplyRun) -> None:
+        """Older turns no longer fit: refresh the session's rolling summary in
+        the background (one refresh per session at a time)."""
+        if run.dropped <= 0 or self._closing or run.session_id in self._summarising:
+            return
+        task = asyncio.create_task(self._refresh_summary(run.team_id, run.session_id))
+        self._summarising[run.session_id] = task
+        task.add_done_callback(lambda _t: self._summarising.pop(run.session_id, None))
+
+    async def _refresh_summary(self, team_id: str, session_id: str) -> None:
+        try:
+            async with self.sessionmaker() as db:
+                previous = await summaries.latest(db, session_id=session_id)
+                rows = await summaries.history_after(
+                    db,
+                    session_id=session_id,
+                    after_id=previous.covers_until if previous else None,
+                    limit=HISTORY_LIMIT + SUMMARY_KEEP_NEWEST,
+                    newest=False,
+                )
+            # Summarise what the last prompt could not hold: all but the
+            # newest turns, as much of it as one summary request can take.
+            older = [HistoryItem(m.role, m.content, m.id) for m in rows[:-SUMMARY_KEEP_NEWEST]]
+            if not older:
+                return
+            budget = (self.window or 8192) - 1024
+            picked: list[HistoryItem] = []
+            for item in older:
+                request = summary_prompt(previous.text if previous else None, [*picked, item])
+                if picked and await self.count_tokens(request) > budget:
+                    break
+                picked.append(item)
+            request = summary_prompt(previous.text if previous else None, picked)
+            parts: list[str] = []
+            async for event in stream_with_retry(self.provider, request):
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+            text = "".join(parts).strip()
+            if not text:
+                return
+            async with transaction(self.sessionmaker) as db:
+                await summaries.add(
+                    db,
+                    team_id=team_id,
+                    session_id=session_id,
+                    text=text,
+                    covers_until=picked[-1].id,
+                )
+        except Exception:
+            log.exception("summary refresh of session %s failed", session_id)
+
     # -- lifecycle ---------------------------------------------------------
 
     async def wait(self, reply_id: str) -> None:
@@ -432,6 +524,8 @@ class Replies:
         """End every local reply as ``interrupted``, storing its partial text."""
         self._closing = True
         self._unsubscribe()
+        for summarising in list(self._summarising.values()):
+            summarising.cancel()
         tasks = [run.task for run in self.runs.values() if run.task is not None]
         for task in tasks:
             task.cancel()
