@@ -12,9 +12,10 @@ SDK exceptions never leave ``chathub.llm``: each provider maps them here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 Role = Literal["user", "assistant"]
 StopReason = Literal["end_turn", "max_tokens", "cancelled", "blocked", "error"]
@@ -55,6 +56,19 @@ class StreamEnd:
 
 
 StreamEvent = TextDelta | StreamEnd
+
+
+def estimate_tokens(text: str) -> int:
+    """The rough rule used where no tokenizer is at hand: one token per started
+    four characters (``ceil(len(text) / 4)``); 0 for the empty string."""
+    return -(-len(text) // 4)
+
+
+def estimate_request_tokens(request: CompletionRequest) -> int:
+    """:func:`estimate_tokens` over the system prompt and every turn's content."""
+    return estimate_tokens(request.system) + sum(
+        estimate_tokens(turn.content) for turn in request.turns
+    )
 
 
 class ProviderError(Exception):
@@ -119,3 +133,38 @@ class LLMProvider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+def parse_json_object(raw: str, *, source: str) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object, or :class:`ProviderRejected` saying what
+    came back instead (``source`` names the provider and tool)."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ProviderRejected(f"{source}: not valid JSON ({exc}): {raw[:200]!r}") from None
+    if not isinstance(value, dict):
+        raise ProviderRejected(f"{source}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """A provider that can measure a request before sending it (context budgeting)."""
+
+    async def count_tokens(self, request: CompletionRequest) -> int:
+        """Input tokens ``request`` would cost (system prompt and turns), or raise
+        :class:`ProviderError`."""
+        ...
+
+
+@runtime_checkable
+class StructuredOutput(Protocol):
+    """A provider that can answer with a JSON object matching a schema (extraction)."""
+
+    async def structured(
+        self, request: CompletionRequest, *, name: str, schema: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The object the model produced for ``request``, named ``name`` and meant to
+        match the JSON ``schema``. Raises :class:`ProviderRejected` when the model's
+        answer is not a JSON object; validating it against ``schema`` is the caller's job."""
+        ...

@@ -1,0 +1,308 @@
+"""Anthropic's Messages API, streamed, through the official ``anthropic`` SDK.
+
+``anthropic://MODEL`` with optional query parameters:
+
+``base_url``
+    Another endpoint (a proxy, a test server). Without it the SDK reads
+    ``ANTHROPIC_BASE_URL``, then uses the public API.
+``timeout``
+    Seconds for connecting and between streamed reads (default 60).
+``send_temperature``
+    ``0`` leaves ``temperature`` out of requests. Recent SDKs dropped the
+    argument and recent models reject non-default values, so it is sent
+    through ``extra_body``; turn it off for models that refuse it.
+
+The key comes from ``ANTHROPIC_API_KEY`` (or the SDK's other credential
+sources). The SDK's own retries are off (``max_retries=0``): retries happen in
+:mod:`chathub.llm.retry`, only before the first token.
+
+SDK errors are mapped at this boundary (:func:`provider_error`). The error
+body's ``type`` decides first, because a failure in the middle of a stream
+arrives as ``event: error`` on the 200 response and the SDK raises a plain
+``APIStatusError`` (status 200) for it; the HTTP status decides otherwise:
+
+    rate_limit_error, 429 (RateLimitError)               -> ProviderRateLimited
+    overloaded_error, api_error, 529 (OverloadedError),
+      other 5xx (InternalServerError), 409               -> ProviderOverloaded
+    timeout_error, 408, APITimeoutError                  -> ProviderTimeout
+    APIConnectionError, transport errors, a stream
+      that ends before its message does                  -> ProviderConnection
+    invalid_request_error, authentication_error,
+      permission_error, not_found_error, ..., other 4xx  -> ProviderRejected
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anthropic
+import httpx2
+from anthropic.types import (
+    AssistantMessageParam,
+    InputJSONDelta,
+    MessageParam,
+    RawContentBlockDeltaEvent,
+    RawContentBlockStartEvent,
+    RawMessageDeltaEvent,
+    RawMessageStartEvent,
+    RawMessageStreamEvent,
+    ToolUseBlock,
+    UserMessageParam,
+)
+from anthropic.types import TextDelta as SDKTextDelta
+
+from chathub.config import ConfigError
+from chathub.llm.base import (
+    CompletionRequest,
+    ProviderConnection,
+    ProviderError,
+    ProviderOverloaded,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimeout,
+    StopReason,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    Usage,
+    parse_json_object,
+)
+from chathub.llm.factory import url_flag, url_float, url_model, url_params
+
+STOP_REASONS: dict[str, StopReason] = {
+    "end_turn": "end_turn",
+    "stop_sequence": "end_turn",
+    "tool_use": "end_turn",
+    "pause_turn": "end_turn",
+    "max_tokens": "max_tokens",
+    "model_context_window_exceeded": "max_tokens",
+    "refusal": "blocked",
+}
+"""Anthropic's stop reasons in ours; an unknown one counts as ``end_turn``."""
+
+_PARAMS = {"base_url", "timeout", "send_temperature"}
+_ERRORS_BY_TYPE: dict[str, Callable[[str], ProviderError]] = {
+    "rate_limit_error": ProviderRateLimited,
+    "overloaded_error": ProviderOverloaded,
+    "api_error": ProviderOverloaded,
+    "timeout_error": ProviderTimeout,
+    "invalid_request_error": ProviderRejected,
+    "authentication_error": ProviderRejected,
+    "billing_error": ProviderRejected,
+    "permission_error": ProviderRejected,
+    "not_found_error": ProviderRejected,
+    "request_too_large": ProviderRejected,
+}
+"""The API's error types (the ``error.type`` of an error body or event)."""
+
+
+class AnthropicProvider:
+    """Claude through the Messages API. One SDK client (one connection pool) per
+    provider; :meth:`aclose` closes it."""
+
+    name = "anthropic"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 60.0,
+        send_temperature: bool = True,
+    ) -> None:
+        if not model:
+            raise ConfigError(
+                "anthropic:// needs a model name, e.g. CHATHUB_LLM=anthropic://claude-sonnet-4-5"
+            )
+        self.model = model
+        self.send_temperature = send_temperature
+        try:
+            self._client = anthropic.AsyncAnthropic(
+                api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
+            )
+        except anthropic.AnthropicError as exc:  # a broken credentials profile, say
+            raise ConfigError(f"anthropic:// cannot load credentials: {exc}") from exc
+        if (
+            self._client.api_key is None
+            and self._client.auth_token is None
+            and self._client.credentials is None
+        ):
+            raise ConfigError(
+                "anthropic:// needs credentials: set ANTHROPIC_API_KEY (or pass api_key)"
+            )
+
+    @classmethod
+    def from_url(cls, url: str) -> AnthropicProvider:
+        params = url_params(url, _PARAMS)
+        return cls(
+            url_model(url),
+            base_url=params.get("base_url") or None,
+            timeout=url_float(url, params, "timeout", 60.0),
+            send_temperature=url_flag(params, "send_temperature", True),
+        )
+
+    def _arguments(self, request: CompletionRequest) -> dict[str, Any]:
+        arguments: dict[str, Any] = {
+            "model": request.model or self.model,
+            "max_tokens": request.max_tokens,
+            "messages": _messages(request),
+        }
+        if request.system:
+            arguments["system"] = request.system
+        if self.send_temperature:
+            arguments["extra_body"] = {"temperature": request.temperature}
+        return arguments
+
+    async def _events(
+        self, request: CompletionRequest, **extra: Any
+    ) -> anthropic.AsyncStream[RawMessageStreamEvent]:
+        stream: anthropic.AsyncStream[RawMessageStreamEvent] = await self._client.messages.create(
+            **self._arguments(request), **extra, stream=True
+        )
+        return stream
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]:
+        """Text deltas as they arrive, then the stop reason and usage: input
+        tokens (including cache reads and writes) from ``message_start``,
+        cumulative output tokens from the last ``message_delta``. A stream that
+        ends without a stop reason raises :class:`ProviderConnection`."""
+        input_tokens = output_tokens = 0
+        stop_reason: StopReason | None = None
+        try:
+            async with await self._events(request) as events:
+                async for event in events:
+                    if isinstance(event, RawContentBlockDeltaEvent):
+                        if isinstance(event.delta, SDKTextDelta) and event.delta.text:
+                            yield TextDelta(event.delta.text)
+                    elif isinstance(event, RawMessageStartEvent):
+                        usage = event.message.usage
+                        input_tokens = _total_input(
+                            usage.input_tokens,
+                            usage.cache_creation_input_tokens,
+                            usage.cache_read_input_tokens,
+                        )
+                        output_tokens = usage.output_tokens
+                    elif isinstance(event, RawMessageDeltaEvent):
+                        output_tokens = event.usage.output_tokens
+                        if event.usage.input_tokens is not None:
+                            input_tokens = _total_input(
+                                event.usage.input_tokens,
+                                event.usage.cache_creation_input_tokens,
+                                event.usage.cache_read_input_tokens,
+                            )
+                        if event.delta.stop_reason is not None:
+                            stop_reason = STOP_REASONS.get(event.delta.stop_reason, "end_turn")
+        except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+            raise provider_error(exc) from exc
+        if stop_reason is None:
+            raise ProviderConnection("anthropic: the stream ended before the message did")
+        yield StreamEnd(stop_reason, Usage(input_tokens, output_tokens))
+
+    async def count_tokens(self, request: CompletionRequest) -> int:
+        """Input tokens of ``request`` as the API counts them (``count_tokens``
+        endpoint: free, no generation)."""
+        arguments = self._arguments(request)
+        arguments.pop("max_tokens")
+        arguments.pop("extra_body", None)
+        try:
+            counted = await self._client.messages.count_tokens(**arguments)
+        except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+            raise provider_error(exc) from exc
+        return counted.input_tokens
+
+    async def structured(
+        self, request: CompletionRequest, *, name: str, schema: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The input of a tool named ``name`` with input schema ``schema``, which
+        the model is forced to call (``tool_choice`` of type ``tool``). The tool
+        input streams as ``input_json_delta`` pieces; their concatenation is
+        parsed here. Raises :class:`ProviderRejected` when the model does not
+        call the tool, stops at ``max_tokens`` mid-object, or sends invalid JSON.
+        """
+        tool = {
+            "name": name,
+            "description": f"Record the {name} for this conversation.",
+            "input_schema": schema,
+        }
+        tool_index: int | None = None
+        pieces: list[str] = []
+        stop_reason: str | None = None
+        try:
+            async with await self._events(
+                request, tools=[tool], tool_choice={"type": "tool", "name": name}
+            ) as events:
+                async for event in events:
+                    if isinstance(event, RawContentBlockStartEvent):
+                        block = event.content_block
+                        if isinstance(block, ToolUseBlock) and block.name == name:
+                            tool_index = event.index
+                    elif isinstance(event, RawContentBlockDeltaEvent):
+                        if event.index == tool_index and isinstance(event.delta, InputJSONDelta):
+                            pieces.append(event.delta.partial_json)
+                    elif isinstance(event, RawMessageDeltaEvent):
+                        stop_reason = event.delta.stop_reason or stop_reason
+        except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+            raise provider_error(exc) from exc
+        if tool_index is None:
+            raise ProviderRejected(f"anthropic: the model did not call the tool {name!r}")
+        if stop_reason == "max_tokens":
+            raise ProviderRejected(
+                f"anthropic: the {name!r} object was cut at max_tokens={request.max_tokens}"
+            )
+        return parse_json_object("".join(pieces) or "{}", source=f"anthropic tool {name!r}")
+
+    async def ready(self) -> bool:
+        """True when the API answers for this model (``GET /v1/models/{model}``:
+        no tokens spent); False on any error, including an unknown model."""
+        try:
+            await self._client.models.retrieve(self.model, timeout=5.0)
+        except (anthropic.AnthropicError, httpx2.HTTPError):
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def provider_error(exc: BaseException) -> ProviderError:
+    """Our error for an ``anthropic`` SDK (or transport) exception."""
+    if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
+        return ProviderTimeout(f"anthropic: {exc}")
+    if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
+        return ProviderConnection(f"anthropic: {exc}")
+    if isinstance(exc, anthropic.APIStatusError):
+        status, kind = exc.status_code, exc.type
+        message = f"anthropic {status} {kind or 'error'}: {exc.api_message or exc}"
+        # The body's type decides first: it is all a mid-stream `event: error` has.
+        by_type = _ERRORS_BY_TYPE.get(kind or "")
+        if by_type is not None:
+            return by_type(message)
+        if status == 429:
+            return ProviderRateLimited(message)
+        if status == 408:
+            return ProviderTimeout(message)
+        if status >= 500 or status == 409 or status < 400:
+            # 5xx and lock conflicts pass; so may an unknown error event on a 200
+            # stream: the server failed after accepting the request.
+            return ProviderOverloaded(message)
+        return ProviderRejected(message)
+    # Bad response shape, missing credentials (TypeError from the SDK), and the like.
+    return ProviderRejected(f"anthropic: {exc}")
+
+
+def _messages(request: CompletionRequest) -> list[MessageParam]:
+    # The API rejects empty text blocks; an empty turn (say, a reply cancelled
+    # before its first token) carries nothing, so it is left out.
+    return [
+        UserMessageParam(role="user", content=turn.content)
+        if turn.role == "user"
+        else AssistantMessageParam(role="assistant", content=turn.content)
+        for turn in request.turns
+        if turn.content
+    ]
+
+
+def _total_input(*counts: int | None) -> int:
+    return sum(count or 0 for count in counts)

