@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     session_log_ttl_s: int = 86_400
     reply_timeout_s: float = 300.0
     lease_ttl_s: float = 10.0
+    extraction_debounce_s: float = 1.0
 
     @property
     def embedded(self) -> bool:

@@ -66,6 +66,9 @@ def test_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settin
     return Settings(**values)
 
 
+test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
 @dataclass
 class RunningServer:
     """A chathub app served by uvicorn on 127.0.0.1."""

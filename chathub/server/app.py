@@ -17,6 +17,7 @@ from chathub.llm.factory import create_provider
 from chathub.server import problems
 from chathub.server.bus import create_bus
 from chathub.server.dashboards import Dashboards
+from chathub.server.extraction import Extractor
 from chathub.server.hub import Hub
 from chathub.server.limits import MULTIPART_OVERHEAD, BodyLimit
 from chathub.server.replies import Replies
@@ -51,6 +52,13 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
         await bus.start()
         await session_log.start()
         hub = Hub(session_log)
+        dashboards = Dashboards(sessionmaker=sessionmaker, bus=bus, hub=hub)
+        extractor = Extractor(
+            sessionmaker=sessionmaker,
+            provider=provider,
+            dashboards=dashboards,
+            debounce_s=settings.extraction_debounce_s,
+        )
         state = AppState(
             settings=settings,
             engine=engine,
@@ -67,14 +75,17 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
                 session_log=session_log,
                 bus=bus,
                 provider=provider,
+                extractor=extractor,
             ),
-            dashboards=Dashboards(sessionmaker=sessionmaker, bus=bus, hub=hub),
+            dashboards=dashboards,
+            extractor=extractor,
         )
         app.state.chathub = state
         try:
             yield {"chathub": state}
         finally:
             await state.replies.close()
+            await extractor.close()
             await hub.close()
             state.dashboards.close()
             await session_log.close()

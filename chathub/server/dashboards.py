@@ -28,7 +28,7 @@ class Dashboards:
 
         async with self.sessionmaker() as db:
             view = await repo.dashboard(db, team_id=team_id)
-        return {"type": "dashboard.snapshot", **view}
+        return {"type": "dashboard.snapshot", **view.as_dict()}
 
     async def publish(self, team_id: str, version: int, changes: dict[str, Any]) -> None:
         """Tell every instance's subscribers of ``team_id`` what changed."""

@@ -46,6 +46,7 @@ from chathub.llm.modes import Mode
 from chathub.llm.retry import call_with_retry, stream_with_retry
 from chathub.server import metrics
 from chathub.server.bus import Bus
+from chathub.server.extraction import Extractor
 from chathub.server.session_log import SessionLog
 from chathub.storage.db import transaction
 from chathub.storage.repositories import modes as modes_repo
@@ -106,8 +107,10 @@ class Replies:
         session_log: SessionLog,
         bus: Bus,
         provider: LLMProvider,
+        extractor: Extractor | None = None,
     ) -> None:
         self.settings = settings
+        self.extractor = extractor
         self.sessionmaker = sessionmaker
         self.log = session_log
         self.bus = bus
@@ -360,6 +363,13 @@ class Replies:
                 del self._by_session[run.session_id]
             run.done.set()
             self._schedule_summary(run)
+            if (
+                failure is None
+                and self.extractor is not None
+                and run.mode.extraction
+                and not self._closing
+            ):
+                self.extractor.schedule(run.team_id, run.session_id)
 
     async def _generate(self, run: ReplyRun) -> None:
         """Run the mode's flow: each structured step in order, its output

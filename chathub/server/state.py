@@ -11,6 +11,7 @@ from chathub.config import Settings
 from chathub.llm.base import LLMProvider
 from chathub.server.bus import Bus
 from chathub.server.dashboards import Dashboards
+from chathub.server.extraction import Extractor
 from chathub.server.hub import Hub
 from chathub.server.replies import Replies
 from chathub.server.session_log import SessionLog
@@ -30,3 +31,4 @@ class AppState:
     hub: Hub
     replies: Replies
     dashboards: Dashboards
+    extractor: Extractor

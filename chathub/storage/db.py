@@ -22,11 +22,22 @@ def create_engine(url: str) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # The driver's own transaction handling starts no transaction before
+            # a SAVEPOINT (whose RELEASE would then commit) and upgrades read
+            # locks to write locks late (failing at once under contention).
+            # SQLAlchemy emits BEGIN itself instead, see _begin below.
+            dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin(conn: Any) -> None:
+            # IMMEDIATE takes the write lock up front, so concurrent writers
+            # queue on the busy timeout instead of failing with SQLITE_BUSY.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

@@ -3,6 +3,8 @@ never shadow them."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -10,6 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chathub.errors import Conflict, Forbidden, NotFound
 from chathub.llm.modes import Mode, get_mode, shipped_modes
 from chathub.storage.models import TeamMode, utcnow
+
+ModeSource = Literal["shipped", "team"]
 
 
 async def resolve_mode(db: AsyncSession, *, team_id: str, name: str) -> Mode | None:
@@ -27,12 +31,12 @@ async def _row(db: AsyncSession, *, team_id: str, name: str) -> TeamMode | None:
     )
 
 
-async def list_modes(db: AsyncSession, *, team_id: str) -> list[tuple[Mode, str]]:
+async def list_modes(db: AsyncSession, *, team_id: str) -> list[tuple[Mode, ModeSource]]:
     """Every mode the team can use, with its source (``shipped`` or ``team``)."""
     rows = await db.scalars(
         select(TeamMode).where(TeamMode.team_id == team_id).order_by(TeamMode.name)
     )
-    out = [(mode, "shipped") for mode in shipped_modes().values()]
+    out: list[tuple[Mode, ModeSource]] = [(m, "shipped") for m in shipped_modes().values()]
     out += [(Mode.model_validate(row.spec), "team") for row in rows]
     return out
 

@@ -1,0 +1,226 @@
+"""Running extraction after replies and keeping the dashboard current.
+
+After a reply completes, extraction for its session is scheduled, debounced:
+a burst of replies gives one run. A run extracts from the messages since the
+last run, writes what is new or changed as new versions (author ``model`` or
+``extractor``), and publishes ``dashboard.updated``. When enough has changed,
+the model writes a new dashboard summary (versioned) and that is published too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from chathub.errors import ChathubError
+from chathub.llm.base import ChatTurn, CompletionRequest, LLMProvider, TextDelta
+from chathub.llm.extraction import (
+    KnownTask,
+    Source,
+    extract,
+    new_insights,
+    plan_task_changes,
+)
+from chathub.llm.retry import stream_with_retry
+from chathub.server.dashboards import Dashboards
+from chathub.storage.db import transaction
+from chathub.storage.repositories import dashboard as board
+from chathub.storage.repositories import summaries
+
+log = logging.getLogger("chathub.extraction")
+
+WINDOW = 12
+"""Messages read per run at most (the newest since the last run)."""
+SUMMARY_AFTER = 3
+"""Changes since the last dashboard summary that make the model write a new one."""
+KNOWN_LIMIT = 100
+
+
+class Extractor:
+    def __init__(
+        self,
+        *,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        provider: LLMProvider,
+        dashboards: Dashboards,
+        debounce_s: float = 1.0,
+    ) -> None:
+        self.sessionmaker = sessionmaker
+        self.provider = provider
+        self.dashboards = dashboards
+        self.debounce_s = debounce_s
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._last_seen: dict[str, str] = {}
+        self._changes_since_summary: dict[str, int] = {}
+        self._closed = False
+
+    def schedule(self, team_id: str, session_id: str) -> None:
+        """Run extraction for the session ``debounce_s`` after the last call."""
+        if self._closed:
+            return
+        timer = self._timers.pop(session_id, None)
+        if timer is not None:
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timers[session_id] = loop.call_later(
+            self.debounce_s, self._start, team_id, session_id
+        )
+
+    def _start(self, team_id: str, session_id: str) -> None:
+        self._timers.pop(session_id, None)
+        if session_id in self._running:  # one run per session; catch up after
+            self.schedule(team_id, session_id)
+            return
+        task = asyncio.get_running_loop().create_task(self._run_quietly(team_id, session_id))
+        self._running[session_id] = task
+        task.add_done_callback(lambda _t: self._running.pop(session_id, None))
+
+    async def _run_quietly(self, team_id: str, session_id: str) -> None:
+        await self.run(team_id, session_id)
+
+    async def run(self, team_id: str, session_id: str) -> dict[str, Any]:
+        """One extraction pass; returns what changed (empty when nothing did)."""
+        try:
+            return await self._run(team_id, session_id)
+        except Exception:
+            log.exception("extraction for session %s failed", session_id)
+            return {}
+
+    async def _run(self, team_id: str, session_id: str) -> dict[str, Any]:
+        async with self.sessionmaker() as db:
+            rows = await summaries.history_after(
+                db, session_id=session_id, after_id=self._last_seen.get(session_id), limit=WINDOW
+            )
+        sources = [Source(m.id, m.role, m.content) for m in rows if m.content]
+        if not sources:
+            return {}
+        result = await extract(self.provider, sources, today=dt.date.today())
+        self._last_seen[session_id] = sources[-1].id
+        found = result.extraction
+        if found.empty:
+            return {}
+        changed: dict[str, list[Any]] = {"tasks": [], "insights": [], "states": []}
+        async with transaction(self.sessionmaker) as db:
+            page = await board.list_tasks(db, team_id=team_id, limit=KNOWN_LIMIT, cursor=None)
+            known = [
+                KnownTask(t.id, t.version, t.title, t.owner, t.due, t.status) for t in page.items
+            ]
+            for change in plan_task_changes(found.tasks, known):
+                try:
+                    if change.task_id is None:
+                        view = await board.create_task(
+                            db,
+                            team_id=team_id,
+                            author_kind=result.author_kind,
+                            session_id=session_id,
+                            source_message_id=result.source_message_id,
+                            **change.fields,
+                        )
+                    else:
+                        view = await board.update_task(
+                            db,
+                            team_id=team_id,
+                            task_id=change.task_id,
+                            expected_version=change.expected_version,
+                            author_kind=result.author_kind,
+                            author_id=None,
+                            session_id=session_id,
+                            source_message_id=result.source_message_id,
+                            **change.fields,
+                        )
+                except ChathubError as exc:  # e.g. a person changed it meanwhile
+                    log.info("extracted task change skipped: %s", exc.detail)
+                    continue
+                changed["tasks"].append(asdict(view))
+            insight_page = await board.list_insights(
+                db, team_id=team_id, limit=KNOWN_LIMIT, cursor=None
+            )
+            for insight in new_insights(found.insights, [i.text for i in insight_page.items]):
+                view_i = await board.create_insight(
+                    db,
+                    team_id=team_id,
+                    text=insight.text,
+                    kind=insight.kind,
+                    author_kind=result.author_kind,
+                    session_id=session_id,
+                    source_message_id=result.source_message_id,
+                )
+                changed["insights"].append(asdict(view_i))
+            for state in found.states:
+                try:
+                    before = await board.get_state(db, team_id=team_id, key=state.key)
+                except ChathubError:
+                    before = None
+                view_s = await board.set_state(
+                    db,
+                    team_id=team_id,
+                    key=state.key,
+                    value=state.value,
+                    author_kind=result.author_kind,
+                    updated_by=result.author_kind,
+                    session_id=session_id,
+                    source_message_id=result.source_message_id,
+                )
+                if before is None or before.version != view_s.version:
+                    changed["states"].append(asdict(view_s))
+            version = await board.dashboard_version(db, team_id=team_id)
+        changes = {k: v for k, v in changed.items() if v}
+        if not changes:
+            return {}
+        await self.dashboards.publish(team_id, version, changes)
+        count = sum(len(v) for v in changes.values())
+        self._changes_since_summary[team_id] = self._changes_since_summary.get(team_id, 0) + count
+        if self._changes_since_summary[team_id] >= SUMMARY_AFTER:
+            self._changes_since_summary[team_id] = 0
+            await self.refresh_summary(team_id)
+        return changes
+
+    async def refresh_summary(self, team_id: str) -> None:
+        """The model writes the dashboard's summary from what is on it."""
+        async with self.sessionmaker() as db:
+            view = await board.dashboard(db, team_id=team_id)
+        lines = [
+            f"Open task: {t.title} (owner {t.owner or '?'}, due {t.due or '?'})"
+            for t in view.open_tasks
+        ]
+        lines += [f"{i.kind.title()}: {i.text}" for i in view.recent_insights]
+        lines += [f"State {s.key} = {s.value}" for s in view.states]
+        request = CompletionRequest(
+            turns=[ChatTurn("user", "\n".join(lines) or "Nothing yet.")],
+            system=(
+                "Write a short status summary (at most five sentences) of this team "
+                "dashboard for the team: what is open, what is at risk, what was decided."
+            ),
+            temperature=0.2,
+            max_tokens=300,
+        )
+        parts = [
+            event.text
+            async for event in stream_with_retry(self.provider, request)
+            if isinstance(event, TextDelta)
+        ]
+        text = "".join(parts).strip()
+        if not text:
+            return
+        async with transaction(self.sessionmaker) as db:
+            summary = await board.add_summary(db, team_id=team_id, text=text)
+            version = await board.dashboard_version(db, team_id=team_id)
+        await self.dashboards.publish(team_id, version, {"summary": asdict(summary)})
+
+    async def close(self) -> None:
+        self._closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for task in list(self._running.values()):
+            task.cancel()
+        for task in list(self._running.values()):
+            with contextlib.suppress(BaseException):
+                await task
