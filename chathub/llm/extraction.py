@@ -238,7 +238,11 @@ def resolve_date(when: str, today: dt.date) -> str | None:
         return None
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s")
+
+
 def _task(body: str, today: dt.date, owner: str | None, status: str) -> ExtractedTask | None:
+    body = _SENTENCE_END.split(body, maxsplit=1)[0]  # a marker names one sentence
     due = None
     found = _BY.search(body)
     if found:

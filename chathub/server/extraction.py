@@ -214,6 +214,11 @@ class Extractor:
             version = await board.dashboard_version(db, team_id=team_id)
         await self.dashboards.publish(team_id, version, {"summary": asdict(summary)})
 
+    @property
+    def idle(self) -> bool:
+        """Nothing scheduled and nothing running."""
+        return not self._timers and not self._running
+
     async def close(self) -> None:
         self._closed = True
         for timer in self._timers.values():

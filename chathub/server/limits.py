@@ -42,6 +42,7 @@ class BodyLimit:
                     declared = 0
                 if declared > limit:
                     await _refuse(send, limit)
+                    await _discard(receive)
                     return
         received = 0
         response_started = False
@@ -66,6 +67,18 @@ class BodyLimit:
         except BodyTooLarge:
             if not response_started:
                 await _refuse(send, limit)
+
+
+async def _discard(receive: Receive, budget: int = 1024 * 1024) -> None:
+    """Read (and drop) some of a refused body, so that a client still sending
+    it reads the 413 instead of a reset connection."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _refuse(send: Send, limit: int) -> None:

@@ -188,3 +188,33 @@ def test_bad_local_urls() -> None:
         create_provider("local://?threads=many")
     with pytest.raises(ConfigError, match="unknown parameter"):
         create_provider("local://?ctx=10")
+
+
+@pytest.mark.local_model
+async def test_local_model_runs_a_real_extraction() -> None:
+    """The embedded model answers the extraction schema under its grammar; an
+    unusable answer falls back to the markers. Either way the result is valid."""
+    import datetime as dt
+
+    from chathub.llm.extraction import Source, extract
+    from chathub.llm.local import LocalProvider
+
+    provider = LocalProvider(n_ctx=2048)
+    try:
+        result = await extract(
+            provider,
+            [
+                Source(
+                    "m1",
+                    "user",
+                    "TODO: send the invoice to ACME by friday. Decision: use Postgres.",
+                )
+            ],
+            today=dt.date(2026, 11, 26),
+        )
+    finally:
+        await provider.aclose()
+    assert result.author_kind in ("model", "extractor")
+    assert result.source_message_id == "m1"
+    if result.author_kind == "extractor":
+        assert [t.title for t in result.extraction.tasks] == ["send the invoice to ACME"]
