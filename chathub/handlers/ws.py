@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chathub.auth import Principal
@@ -126,9 +127,17 @@ async def _welcome(state: AppState, conn: Connection) -> dict[str, Any]:
 
 async def _serve(websocket: WebSocket, state: AppState, conn: Connection) -> None:
     heartbeat = asyncio.create_task(_heartbeat(conn, state.settings.ws_heartbeat_s))
+    # Once the server has closed the socket (or given up closing a peer that
+    # does not read), stop waiting for frames that may never come.
+    finished = asyncio.create_task(conn.finished.wait())
+    receiving: asyncio.Task[Message] | None = None
     try:
         while not conn.closed:
-            message = await websocket.receive()
+            receiving = asyncio.create_task(websocket.receive())
+            await asyncio.wait((receiving, finished), return_when=asyncio.FIRST_COMPLETED)
+            if not receiving.done():
+                return
+            message = receiving.result()
             if message["type"] == "websocket.disconnect":
                 return
             metrics.FRAMES_IN.inc()
@@ -153,6 +162,9 @@ async def _serve(websocket: WebSocket, state: AppState, conn: Connection) -> Non
                 conn.send(encode(reply))
     finally:
         heartbeat.cancel()
+        finished.cancel()
+        if receiving is not None:
+            receiving.cancel()
 
 
 async def _heartbeat(conn: Connection, every_s: float) -> None:

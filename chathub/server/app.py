@@ -59,12 +59,13 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
             dashboards=dashboards,
             debounce_s=settings.extraction_debounce_s,
         )
+        blobs = BlobStore(settings.blob_dir)
         state = AppState(
             settings=settings,
             engine=engine,
             sessionmaker=sessionmaker,
             tokens=tokens,
-            blobs=BlobStore(settings.blob_dir),
+            blobs=blobs,
             provider=provider,
             session_log=session_log,
             bus=bus,
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
                 bus=bus,
                 provider=provider,
                 extractor=extractor,
+                blobs=blobs,
             ),
             dashboards=dashboards,
             extractor=extractor,

@@ -33,6 +33,10 @@ CLOSE_INTERNAL = 1011
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_SLOW = 4408
 
+CLOSE_GRACE_S = 10.0
+"""How long a close frame may wait behind data the peer has not read yet.
+Past it the server gives up on a clean close and drops the connection."""
+
 
 CatchUp = Callable[["Connection", str], None]
 
@@ -70,6 +74,8 @@ class Connection:
         self._drained = asyncio.Event()
         self._drained.set()
         self._writer: asyncio.Task[None] | None = None
+        self.finished = asyncio.Event()
+        """Set once a close started by :meth:`close_soon` is done or given up."""
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
@@ -140,17 +146,22 @@ class Connection:
         asyncio.get_running_loop().create_task(self._close(code, reason))
 
     async def _close(self, code: int, reason: str) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._writer
-        if (
-            self.websocket is not None
-            and self.websocket.application_state == WebSocketState.CONNECTED
-        ):
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await self.websocket.close(code, reason)
+        try:
+            if self._writer is not None:
+                self._writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._writer
+            if (
+                self.websocket is not None
+                and self.websocket.application_state == WebSocketState.CONNECTED
+            ):
+                # The close frame queues behind what the peer has not read: a
+                # slow reader gets it once it reads again, if it does in time.
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(CLOSE_GRACE_S):
+                        await self.websocket.close(code, reason)
+        finally:
+            self.finished.set()
 
     async def drain_and_stop(self, timeout: float = 2.0) -> None:
         """Flush what is queued (best effort), then stop the writer."""

@@ -196,21 +196,25 @@ class RedisSubscription:
                     await self._dispatch(message)
 
     async def _read(self, pubsub: aioredis.client.PubSub) -> None:
+        """Read until the connection fails. After ``ping_interval_s`` of
+        silence a PING goes out; no answer within as long again means the
+        connection is dead even if TCP has not noticed."""
         loop = asyncio.get_running_loop()
+        poll_s = min(1.0, self._ping_interval_s / 2)
         heard = loop.time()
-        pinged = False
+        pinged_at: float | None = None
         while True:
-            message = await pubsub.get_message(timeout=1.0)
+            message = await pubsub.get_message(timeout=poll_s)
             now = loop.time()
             if message is None:
-                silent = now - heard
-                if silent > 3 * self._ping_interval_s:
-                    raise TimeoutError("no answer to PING on the pub/sub connection")
-                if silent > self._ping_interval_s and not pinged:
+                if pinged_at is not None:
+                    if now - pinged_at > self._ping_interval_s:
+                        raise TimeoutError("no answer to PING on the pub/sub connection")
+                elif now - heard > self._ping_interval_s:
                     await pubsub.ping()
-                    pinged = True
+                    pinged_at = now
                 continue
-            heard, pinged = now, False
+            heard, pinged_at = now, None
             if message["type"] in ("pmessage", "message"):
                 await self._dispatch(message)
 
@@ -244,6 +248,7 @@ class RedisBus:
         *,
         prefix: str = "chathub",
         reconnect_max_s: float = 5.0,
+        ping_interval_s: float = 10.0,
     ) -> None:
         self._channel_prefix = f"{prefix}:bus:"
         self._url = url
@@ -256,6 +261,7 @@ class RedisBus:
             on_message=self._on_message,
             name=f"{prefix}:bus:{secrets.token_hex(4)}",
             reconnect_max_s=reconnect_max_s,
+            ping_interval_s=ping_interval_s,
         )
 
     def _commands(self) -> aioredis.Redis:

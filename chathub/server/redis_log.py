@@ -108,6 +108,7 @@ class RedisSessionLog:
         seq_ttl_s: float | None = None,
         prefix: str = "chathub",
         reconnect_max_s: float = 5.0,
+        ping_interval_s: float = 10.0,
         max_tracked_sessions: int = 100_000,
     ) -> None:
         self.max_length = max(1, max_length)
@@ -132,6 +133,7 @@ class RedisSessionLog:
             on_connect=self._on_connect,
             name=f"{prefix}:log:{secrets.token_hex(4)}",
             reconnect_max_s=reconnect_max_s,
+            ping_interval_s=ping_interval_s,
         )
 
     # -- keys --------------------------------------------------------------

@@ -37,6 +37,8 @@ from chathub.llm.base import (
     Usage,
 )
 from chathub.llm.context import (
+    FILE_EXCERPT_CHARS,
+    FileExcerpt,
     HistoryItem,
     build_prompt,
     estimate_counter,
@@ -48,7 +50,9 @@ from chathub.server import metrics
 from chathub.server.bus import Bus
 from chathub.server.extraction import Extractor
 from chathub.server.session_log import SessionLog
+from chathub.storage.blobs import BlobStore
 from chathub.storage.db import transaction
+from chathub.storage.repositories import files as files_repo
 from chathub.storage.repositories import modes as modes_repo
 from chathub.storage.repositories import sessions as repo
 from chathub.storage.repositories import summaries
@@ -82,6 +86,8 @@ class ReplyRun:
     model: str
     history: list[HistoryItem]
     summary: str | None
+    files: list[tuple[str, str]]
+    """Attached text files: (name, sha256), newest first."""
     sent: list[str] = field(default_factory=list)
     buffer: list[str] = field(default_factory=list)
     buffered_at: float = 0.0
@@ -108,8 +114,10 @@ class Replies:
         bus: Bus,
         provider: LLMProvider,
         extractor: Extractor | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.settings = settings
+        self.blobs = blobs
         self.extractor = extractor
         self.sessionmaker = sessionmaker
         self.log = session_log
@@ -179,6 +187,11 @@ class Replies:
             )
             if mode is None:
                 raise BadRequest(f"unknown mode {mode_name or chat.mode!r}")
+            attached = [
+                await files_repo.get_file(db, team_id=principal.team_id, file_id=file_id)
+                for file_id in dict.fromkeys(file_ids or [])
+            ]
+            attached.sort(key=lambda f: f.created_at, reverse=True)  # newest first
             user_message, _ = await repo.add_user_message(
                 db,
                 team_id=principal.team_id,
@@ -217,12 +230,14 @@ class Replies:
             model=self.provider.model,
             history=items,
             summary=summary.text if summary else None,
+            files=[(f.name, f.sha256) for f in attached if _is_text(f.content_type)],
         )
         self.runs[run.reply_id] = run
         self._by_session[session_id] = run
-        created = await self.log.append(session_id, "message.created", {"message": view})
-        run.task = asyncio.create_task(self._run(run), name=f"reply-{run.reply_id}")
-        return SendResult(message=view, reply_id=run.reply_id, duplicate=False, seq=created.seq)
+        # The events, ``message.created`` first, are appended by the task, so
+        # that the sender's ack (queued when this returns) comes before them.
+        run.task = asyncio.create_task(self._run(run, view), name=f"reply-{run.reply_id}")
+        return SendResult(message=view, reply_id=run.reply_id, duplicate=False)
 
     # -- cancelling --------------------------------------------------------
 
@@ -257,9 +272,10 @@ class Replies:
 
     # -- generating --------------------------------------------------------
 
-    async def _run(self, run: ReplyRun) -> None:
+    async def _run(self, run: ReplyRun, user_message: dict[str, Any]) -> None:
         failure: ProviderError | None = None
         try:
+            await self.log.append(run.session_id, "message.created", {"message": user_message})
             await self.log.append(
                 run.session_id,
                 "reply.started",
@@ -272,6 +288,8 @@ class Replies:
                 },
             )
             run.stream_task = asyncio.create_task(self._generate(run))
+            if run.cancelled:  # cancelled before there was a stream to stop
+                run.stream_task.cancel()
             try:
                 async with asyncio.timeout(self.settings.reply_timeout_s):
                     await run.stream_task
@@ -374,10 +392,16 @@ class Replies:
     async def _generate(self, run: ReplyRun) -> None:
         """Run the mode's flow: each structured step in order, its output
         kept in the trace and handed to the next; the last step streams."""
+        excerpts = []
+        if self.blobs is not None:
+            for name, sha256 in run.files:
+                head = await self.blobs.read_head(sha256, FILE_EXCERPT_CHARS * 4)
+                excerpts.append(FileExcerpt(name, head.decode("utf-8", errors="ignore")))
         built = await build_prompt(
             run.mode,
             run.history,
             summary=run.summary,
+            files=excerpts,
             window=self.window,
             count=self.count_tokens,
         )
@@ -551,3 +575,10 @@ def _step_system(run: ReplyRun, step_prompt: str) -> str:
     for done in run.trace:
         parts.append(f"{done['step']}:\n{orjson.dumps(done['output']).decode()}")
     return "\n\n".join(parts)
+
+
+TEXT_TYPES = ("application/json", "application/xml", "application/x-yaml", "application/yaml")
+
+
+def _is_text(content_type: str) -> bool:
+    return content_type.startswith("text/") or content_type in TEXT_TYPES

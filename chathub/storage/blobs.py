@@ -181,6 +181,18 @@ class BlobStore:
         path = self.path(sha256)
         return await asyncio.to_thread(path.open, "rb")
 
+    async def read_head(self, sha256: str, limit: int) -> bytes:
+        """The first ``limit`` bytes of a blob (b"" when it is missing)."""
+
+        def read() -> bytes:
+            try:
+                with self.path(sha256).open("rb") as f:
+                    return f.read(limit)
+            except FileNotFoundError:
+                return b""
+
+        return await asyncio.to_thread(read)
+
     async def delete(self, sha256: str) -> bool:
         """Remove the blob; True if it existed. Callers decide whether it is
         still referenced (see ``reference_lock``)."""

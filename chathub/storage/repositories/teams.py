@@ -1,17 +1,37 @@
-"""Teams, members and API keys."""
+"""Teams, members and API keys.
+
+Two invariants live here rather than in the routes, so every caller keeps them:
+
+- a team always has at least one owner: demoting or removing its last owner
+  raises :class:`Conflict`, also when two such changes race;
+- an API key never outranks its member: demoting a member lowers their keys.
+
+Changes to a member are conditional on the role the caller read, so a
+permission check made on that role cannot be overtaken by a concurrent
+promotion; the loser gets :class:`Conflict` and may read again and retry.
+Locks are taken in one order: the caller's key (touched by authentication),
+the target member's keys, the team row, the member row. Two admins changing
+each other at the same instant still cross; PostgreSQL then aborts one, and
+that one gets :class:`Conflict` too.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import delete, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import CursorResult, delete, func, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chathub.auth import generate_api_key, hash_api_key
+from chathub.auth import ROLE_RANK, ROLES, generate_api_key, hash_api_key
 from chathub.errors import Conflict, NotFound
 from chathub.storage.models import ApiKey, Member, Team, utcnow
 from chathub.storage.pagination import Page, paginate
+
+OWNER = "owner"
 
 
 @dataclass(frozen=True)
@@ -37,16 +57,19 @@ async def get_team(session: AsyncSession, team_id: str) -> Team:
 async def add_member(
     session: AsyncSession, *, team_id: str, email: str, name: str, role: str
 ) -> Member:
+    """Add a member; emails are compared case-insensitively (stored lowercased).
+    An email already in the team raises :class:`Conflict`."""
+    email = email.lower()
     existing = await session.scalar(
-        select(Member).where(Member.team_id == team_id, Member.email == email.lower())
+        select(Member.id).where(Member.team_id == team_id, Member.email == email)
     )
     if existing is not None:
         raise Conflict("a member with this email already exists")
-    member = Member(team_id=team_id, email=email.lower(), name=name, role=role)
+    member = Member(team_id=team_id, email=email, name=name, role=role)
     session.add(member)
     try:
         await session.flush()
-    except IntegrityError as exc:
+    except IntegrityError as exc:  # a concurrent add of the same email won
         raise Conflict("a member with this email already exists") from exc
     return member
 
@@ -65,6 +88,7 @@ async def get_member(session: AsyncSession, *, team_id: str, member_id: str) -> 
 async def list_members(
     session: AsyncSession, *, team_id: str, limit: int, cursor: str | None, role: str | None = None
 ) -> Page[Member]:
+    """The team's members, oldest first."""
     stmt = select(Member).where(Member.team_id == team_id, Member.deleted_at.is_(None))
     if role is not None:
         stmt = stmt.where(Member.role == role)
@@ -72,25 +96,151 @@ async def list_members(
 
 
 async def count_owners(session: AsyncSession, *, team_id: str) -> int:
-    rows = await session.scalars(
-        select(Member.id).where(
-            Member.team_id == team_id, Member.role == "owner", Member.deleted_at.is_(None)
+    count = await session.scalar(
+        select(func.count())
+        .select_from(Member)
+        .where(Member.team_id == team_id, Member.role == OWNER, Member.deleted_at.is_(None))
+    )
+    return int(count or 0)
+
+
+async def lock_team(session: AsyncSession, team_id: str) -> None:
+    """Hold the team's row until commit, serialising changes to its owners.
+
+    A no-op write rather than ``SELECT ... FOR UPDATE``: PostgreSQL locks the
+    row (without blocking inserts that reference it), and SQLite, which has no
+    row locks and ignores ``FOR UPDATE``, takes its database write lock."""
+    await session.execute(update(Team).where(Team.id == team_id).values(name=Team.name))
+
+
+async def _keep_another_owner(session: AsyncSession, member: Member) -> None:
+    """Raise :class:`Conflict` unless an owner other than ``member`` remains."""
+    await lock_team(session, member.team_id)
+    others = await session.scalar(
+        select(func.count())
+        .select_from(Member)
+        .where(
+            Member.team_id == member.team_id,
+            Member.role == OWNER,
+            Member.id != member.id,
+            Member.deleted_at.is_(None),
         )
     )
-    return len(rows.all())
+    if not others:
+        raise Conflict("a team needs at least one owner: make another member owner first")
+
+
+def _rowcount(result: Any) -> int:
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
+def _changed_meanwhile() -> Conflict:
+    return Conflict("the member was changed by someone else meanwhile; read it again and retry")
+
+
+# deadlock_detected, serialization_failure
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+@contextmanager
+def _races_are_conflicts() -> Iterator[None]:
+    try:
+        yield
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES:
+            raise _changed_meanwhile() from exc
+        raise
+
+
+async def update_member(
+    session: AsyncSession, member: Member, *, name: str | None = None, role: str | None = None
+) -> Member:
+    """Change a member's name and/or role; ``None`` leaves a field as it is.
+
+    Demoting a member lowers their API keys to the new role. Raises
+    :class:`Conflict` when this would demote the team's last owner, or when
+    the member's role changed since ``member`` was read."""
+    values: dict[str, str] = {}
+    if name is not None and name != member.name:
+        values["name"] = name
+    if role is not None and role != member.role:
+        values["role"] = role
+    if not values:
+        return member
+    with _races_are_conflicts():
+        await _apply_member_change(session, member, values)
+    await session.refresh(member)
+    return member
+
+
+async def _apply_member_change(
+    session: AsyncSession, member: Member, values: dict[str, str]
+) -> None:
+    seen_role = member.role
+    role = values.get("role")
+    if role is not None and ROLE_RANK[role] < ROLE_RANK[seen_role]:
+        above = [r for r in ROLES if ROLE_RANK[r] > ROLE_RANK[role]]
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.member_id == member.id, ApiKey.role.in_(above))
+            .values(role=role)
+            .execution_options(synchronize_session=False)
+        )
+        if seen_role == OWNER:
+            await _keep_another_owner(session, member)
+    result = await session.execute(
+        update(Member)
+        .where(
+            Member.id == member.id,
+            Member.team_id == member.team_id,
+            Member.role == seen_role,
+            Member.deleted_at.is_(None),
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if _rowcount(result) == 0:
+        raise _changed_meanwhile()
 
 
 async def remove_member(session: AsyncSession, member: Member) -> None:
-    """Deletes the member and every key they created; their tokens stop
-    working at once because each request checks the member still exists."""
-    await session.execute(delete(ApiKey).where(ApiKey.member_id == member.id))
-    await session.delete(member)
-    await session.flush()
+    """Delete the member and every API key of theirs. Their keys and JWTs stop
+    working at once: each request checks the key and the member still exist.
+
+    Raises :class:`Conflict` when ``member`` is the team's last owner, or when
+    the member's role changed since it was read."""
+    seen_role = member.role
+    with _races_are_conflicts():
+        await session.execute(
+            delete(ApiKey)
+            .where(ApiKey.member_id == member.id)
+            .execution_options(synchronize_session=False)
+        )
+        if seen_role == OWNER:
+            await _keep_another_owner(session, member)
+        try:
+            result = await session.execute(
+                delete(Member)
+                .where(
+                    Member.id == member.id,
+                    Member.team_id == member.team_id,
+                    Member.role == seen_role,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        except IntegrityError as exc:  # a key was created for them concurrently
+            raise _changed_meanwhile() from exc
+    if _rowcount(result) == 0:
+        raise _changed_meanwhile()
+    session.expunge(member)
 
 
 async def create_api_key(
     session: AsyncSession, *, team_id: str, member_id: str, name: str, role: str
 ) -> CreatedKey:
+    """A new key acting as ``member_id`` with ``role``; the secret is returned
+    here and never stored, only its SHA-256."""
     new = generate_api_key()
     row = ApiKey(
         team_id=team_id,
@@ -101,18 +251,23 @@ async def create_api_key(
         key_hash=new.key_hash,
     )
     session.add(row)
-    await session.flush()
+    try:
+        await session.flush()
+    except IntegrityError as exc:  # the member was removed concurrently
+        raise NotFound("member not found") from exc
     return CreatedKey(row=row, secret=new.secret)
 
 
 async def list_api_keys(
     session: AsyncSession, *, team_id: str, limit: int, cursor: str | None
 ) -> Page[ApiKey]:
+    """The team's live (unrevoked) keys, oldest first."""
     stmt = select(ApiKey).where(ApiKey.team_id == team_id, ApiKey.revoked_at.is_(None))
     return await paginate(session, stmt, ApiKey.id, limit=limit, cursor=cursor, descending=False)
 
 
 async def get_api_key(session: AsyncSession, *, team_id: str, key_id: str) -> ApiKey:
+    """A live key of the team; revoked keys are not found."""
     row = await session.scalar(
         select(ApiKey).where(
             ApiKey.id == key_id, ApiKey.team_id == team_id, ApiKey.revoked_at.is_(None)
@@ -124,8 +279,16 @@ async def get_api_key(session: AsyncSession, *, team_id: str, key_id: str) -> Ap
 
 
 async def revoke_api_key(session: AsyncSession, row: ApiKey) -> None:
-    row.revoked_at = utcnow()
-    await session.flush()
+    """Revoke a key for good; the row stays, without a usable secret."""
+    result = await session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == row.id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if _rowcount(result) == 0:  # revoked (or removed with its member) meanwhile
+        raise NotFound("api key not found")
+    await session.refresh(row)
 
 
 async def find_active_key(session: AsyncSession, secret: str) -> tuple[ApiKey, Member] | None:

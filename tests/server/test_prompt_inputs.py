@@ -1,0 +1,106 @@
+"""What reaches the model: the mode's prompt and settings, attached files,
+checked against the request the real Anthropic SDK sent over the wire."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from tests.fakewire.anthropic_server import TextReply, serve_anthropic
+from tests.harness import RunningServer, make_team, start_server, test_settings
+from tests.wsclient import WsClient, reply_end
+
+
+@pytest.fixture
+async def wired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[RunningServer, Any]]:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    async with serve_anthropic() as wire:
+        server = await start_server(
+            test_settings(
+                f"sqlite+aiosqlite:///{tmp_path / 'p.db'}",
+                tmp_path,
+                llm=f"anthropic://claude-test?base_url={quote(wire.base_url, safe='')}",
+                extraction_debounce_s=60,
+            )
+        )
+        try:
+            yield server, wire
+        finally:
+            await server.stop()
+
+
+async def test_mode_and_attached_files_shape_the_request(wired: tuple[RunningServer, Any]) -> None:
+    server, wire = wired
+    team = await make_team(server.state)
+    other = await make_team(server.state, "Other")
+    h = team.owner.headers
+    wire.default = TextReply(["Read it."])
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        mode = {
+            "name": "terse",
+            "system_prompt": "Answer in one line.",
+            "temperature": 0.1,
+            "max_output_tokens": 77,
+            "context_budget": 4096,
+        }
+        assert (await client.post("/modes", json=mode, headers=h)).status_code == 201
+        sid = (await client.post("/chat/sessions", json={"mode": "terse"}, headers=h)).json()["id"]
+        up = await client.post(
+            "/files",
+            files={"file": ("notes.txt", b"The launch code word is PELICAN.", "text/plain")},
+            headers=h,
+        )
+        assert up.status_code == 201, up.text
+        theirs = await client.post(
+            "/files",
+            files={"file": ("x.txt", b"secret of another team", "text/plain")},
+            headers=other.owner.headers,
+        )
+        ws = await WsClient.connect(server.ws_url, team.owner.api_key)
+        await ws.request({"type": "join", "session_id": sid})
+
+        refused = await ws.request(
+            {
+                "type": "message.send",
+                "session_id": sid,
+                "client_msg_id": "f0",
+                "content": "hi",
+                "file_ids": [theirs.json()["id"]],
+            }
+        )
+        assert refused["type"] == "error" and refused["code"] == "not_found"
+
+        sent = await ws.request(
+            {
+                "type": "message.send",
+                "session_id": sid,
+                "client_msg_id": "f1",
+                "content": "What is the code word?",
+                "file_ids": [up.json()["id"]],
+            }
+        )
+        assert sent["type"] == "ack", sent
+        await ws.until(reply_end(sent["reply_id"]))
+        await ws.close()
+
+        body = [r.body for r in wire.requests if r.path.endswith("/v1/messages")][-1]
+        system = (
+            body["system"]
+            if isinstance(body["system"], str)
+            else " ".join(b["text"] for b in body["system"])
+        )
+        assert system.startswith("Answer in one line.")
+        assert "PELICAN" in system and "notes.txt" in system
+        assert "secret of another team" not in str(body)
+        assert body["max_tokens"] == 77
+        assert body["messages"][-1]["role"] == "user"
+        assert "What is the code word?" in str(body["messages"][-1]["content"])
+        history = (await client.get(f"/chat/sessions/{sid}/messages", headers=h)).json()["items"]
+        assert [m["content"] for m in history if m["role"] == "user"] == ["What is the code word?"]
