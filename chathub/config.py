@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     lease_ttl_s: float = 10.0
     extraction_debounce_s: float = 1.0
 
+    # Input limits, per minute (0 turns one off). Shared through Redis when set.
+    rate_user_messages: int = Field(default=30, ge=0)
+    rate_team_messages: int = Field(default=600, ge=0)
+    rate_user_tokens: int = Field(default=50_000, ge=0)
+    rate_team_tokens: int = Field(default=500_000, ge=0)
+    max_message_chars: int = Field(default=32_000, ge=1)
+
     @property
     def embedded(self) -> bool:
         """True when running on the no-configuration defaults (SQLite file)."""

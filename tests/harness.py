@@ -61,6 +61,11 @@ def test_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settin
         "jwt_secret": JWT_SECRET,
         "llm": "scripted://",
         "log_level": "warning",
+        # Tests send bursts; the limits have tests of their own.
+        "rate_user_messages": 0,
+        "rate_team_messages": 0,
+        "rate_user_tokens": 0,
+        "rate_team_tokens": 0,
     }
     values.update(overrides)
     return Settings(**values)

@@ -19,7 +19,9 @@ from chathub.server.bus import create_bus
 from chathub.server.dashboards import Dashboards
 from chathub.server.extraction import Extractor
 from chathub.server.hub import Hub
+from chathub.server.leases import create_leases
 from chathub.server.limits import MULTIPART_OVERHEAD, BodyLimit
+from chathub.server.ratelimit import create_rate_limiter
 from chathub.server.replies import Replies
 from chathub.server.session_log import create_session_log
 from chathub.server.state import AppState
@@ -60,6 +62,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
             debounce_s=settings.extraction_debounce_s,
         )
         blobs = BlobStore(settings.blob_dir)
+        limiter = create_rate_limiter(settings)
+        leases = create_leases(settings)
         state = AppState(
             settings=settings,
             engine=engine,
@@ -78,11 +82,14 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
                 provider=provider,
                 extractor=extractor,
                 blobs=blobs,
+                limiter=limiter,
+                leases=leases,
             ),
             dashboards=dashboards,
             extractor=extractor,
         )
         app.state.chathub = state
+        state.replies.start()
         try:
             yield {"chathub": state}
         finally:
@@ -92,6 +99,8 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
             state.dashboards.close()
             await session_log.close()
             await bus.close()
+            await limiter.close()
+            await leases.close()
             await provider.aclose()
             await engine.dispose()
 

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -24,7 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chathub.auth import Principal
 from chathub.config import Settings
-from chathub.errors import BadRequest, Conflict, NotFound, Unavailable
+from chathub.errors import BadRequest, Conflict, NotFound, RateLimited, TooLarge, Unavailable
+from chathub.ids import new_id
 from chathub.llm.base import (
     CompletionRequest,
     LLMProvider,
@@ -35,6 +37,7 @@ from chathub.llm.base import (
     TextDelta,
     TokenCounter,
     Usage,
+    estimate_tokens,
 )
 from chathub.llm.context import (
     FILE_EXCERPT_CHARS,
@@ -49,9 +52,12 @@ from chathub.llm.retry import call_with_retry, stream_with_retry
 from chathub.server import metrics
 from chathub.server.bus import Bus
 from chathub.server.extraction import Extractor
+from chathub.server.leases import MemoryReplyLeases, ReplyLeases
+from chathub.server.ratelimit import MemoryRateLimiter, RateLimiter, retry_after
 from chathub.server.session_log import SessionLog
 from chathub.storage.blobs import BlobStore
 from chathub.storage.db import transaction
+from chathub.storage.models import utcnow
 from chathub.storage.repositories import files as files_repo
 from chathub.storage.repositories import modes as modes_repo
 from chathub.storage.repositories import sessions as repo
@@ -100,6 +106,8 @@ class ReplyRun:
     flush_timer: asyncio.TimerHandle | None = None
     first_token_at: float | None = None
     dropped: int = 0
+    lost: bool = False
+    released: bool = False
     trace: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
 
@@ -115,8 +123,14 @@ class Replies:
         provider: LLMProvider,
         extractor: Extractor | None = None,
         blobs: BlobStore | None = None,
+        limiter: RateLimiter | None = None,
+        leases: ReplyLeases | None = None,
     ) -> None:
         self.settings = settings
+        self.leases: ReplyLeases = leases or MemoryReplyLeases()
+        self.instance_id = new_id()
+        self._reaper: asyncio.Task[None] | None = None
+        self.limiter: RateLimiter = limiter or MemoryRateLimiter()
         self.blobs = blobs
         self.extractor = extractor
         self.sessionmaker = sessionmaker
@@ -168,6 +182,27 @@ class Replies:
         mode_name: str | None,
         file_ids: list[str] | None,
     ) -> SendResult:
+        leased: list[str] = []  # the reply whose lease this call took, if any
+        try:
+            return await self._store_and_start(
+                principal, session_id, client_msg_id, content, mode_name, file_ids, leased
+            )
+        except BaseException:
+            if leased:
+                with contextlib.suppress(Exception):
+                    await self.leases.release(session_id, leased[0])
+            raise
+
+    async def _store_and_start(
+        self,
+        principal: Principal,
+        session_id: str,
+        client_msg_id: str,
+        content: str,
+        mode_name: str | None,
+        file_ids: list[str] | None,
+        leased: list[str],
+    ) -> SendResult:
         async with transaction(self.sessionmaker) as db:
             chat = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
             existing = await repo.find_by_client_msg_id(
@@ -182,6 +217,11 @@ class Replies:
                 )
             if session_id in self._by_session:
                 raise Conflict("a reply is already being generated in this session")
+            if len(content) > self.settings.max_message_chars:
+                raise TooLarge(
+                    f"a message may have at most {self.settings.max_message_chars} characters"
+                )
+            await self._check_rate(principal, content)
             mode = await modes_repo.resolve_mode(
                 db, team_id=principal.team_id, name=mode_name or chat.mode
             )
@@ -192,6 +232,15 @@ class Replies:
                 for file_id in dict.fromkeys(file_ids or [])
             ]
             attached.sort(key=lambda f: f.created_at, reverse=True)  # newest first
+            # Ids now, in order (a message sorts before its reply), so that the
+            # lease can name the reply before anything is stored.
+            message_id, reply_id = new_id(), new_id()
+            # One reply per session across every instance: the session's lease.
+            if not await self.leases.acquire(
+                session_id, reply_id, self.instance_id, self.settings.lease_ttl_s
+            ):
+                raise Conflict("a reply is already being generated in this session")
+            leased.append(reply_id)
             user_message, _ = await repo.add_user_message(
                 db,
                 team_id=principal.team_id,
@@ -201,6 +250,7 @@ class Replies:
                 author_id=principal.member_id,
                 mode=mode.name,
                 file_ids=file_ids,
+                message_id=message_id,
             )
             reply = await repo.add_reply_message(
                 db,
@@ -209,6 +259,7 @@ class Replies:
                 reply_to=user_message.id,
                 mode=mode.name,
                 model=self.provider.model,
+                reply_id=reply_id,
             )
             last_seq = chat.last_seq
             summary = await summaries.latest(db, session_id=session_id)
@@ -238,6 +289,25 @@ class Replies:
         # that the sender's ack (queued when this returns) comes before them.
         run.task = asyncio.create_task(self._run(run, view), name=f"reply-{run.reply_id}")
         return SendResult(message=view, reply_id=run.reply_id, duplicate=False)
+
+    async def _check_rate(self, principal: Principal, content: str) -> None:
+        """Per-user and per-team limits on messages and on input tokens."""
+        s = self.settings
+        tokens = estimate_tokens(content)
+        checks = [
+            (f"msg:u:{principal.member_id}", 1, s.rate_user_messages),
+            (f"msg:t:{principal.team_id}", 1, s.rate_team_messages),
+            (f"tok:u:{principal.member_id}", tokens, s.rate_user_tokens),
+            (f"tok:t:{principal.team_id}", tokens, s.rate_team_tokens),
+        ]
+        decisions = [
+            await self.limiter.hit(key, cost=min(cost, limit), limit=limit, period_s=60)
+            for key, cost, limit in checks
+            if limit > 0
+        ]
+        wait = retry_after(decisions)
+        if wait is not None:
+            raise RateLimited("too many messages; try again later", retry_after_s=wait)
 
     # -- cancelling --------------------------------------------------------
 
@@ -273,6 +343,35 @@ class Replies:
     # -- generating --------------------------------------------------------
 
     async def _run(self, run: ReplyRun, user_message: dict[str, Any]) -> None:
+        keeper = asyncio.create_task(self._keep_lease(run))
+        try:
+            await self._run_reply(run, user_message)
+        finally:
+            keeper.cancel()
+
+    async def _keep_lease(self, run: ReplyRun) -> None:
+        """Renew the reply's lease while it runs. A lease found taken over (a
+        reaper ended the reply while this instance could not renew) stops the
+        reply here without a second ending."""
+        ttl = self.settings.lease_ttl_s
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                if await self.leases.renew(run.session_id, run.reply_id, ttl):
+                    continue
+                # Lost: either the store forgot it (a Redis restart), then take
+                # it again, or another reply now holds the session.
+                if await self.leases.acquire(run.session_id, run.reply_id, self.instance_id, ttl):
+                    continue
+            except Exception as exc:
+                log.warning("lease renewal of %s failed: %s", run.reply_id, exc)
+                continue
+            log.warning("reply %s lost its lease; stopping it", run.reply_id)
+            run.lost = True
+            self._stop(run)
+            return
+
+    async def _run_reply(self, run: ReplyRun, user_message: dict[str, Any]) -> None:
         failure: ProviderError | None = None
         try:
             await self.log.append(run.session_id, "message.created", {"message": user_message})
@@ -315,6 +414,8 @@ class Replies:
         await self._finish(run, failure)
 
     async def _finish(self, run: ReplyRun, failure: ProviderError | None) -> None:
+        if run.lost:
+            failure = ProviderError("the reply was taken over", retryable=True)
         try:
             if run.flush_timer is not None:
                 run.flush_timer.cancel()
@@ -333,7 +434,7 @@ class Replies:
                 stop_reason = "error"
                 status = "failed"
             async with transaction(self.sessionmaker) as db:
-                await repo.finish_reply_message(
+                finished = await repo.finish_reply_message(
                     db,
                     message_id=run.reply_id,
                     content=text,
@@ -344,6 +445,10 @@ class Replies:
                 )
                 stored = await repo.get_message(db, team_id=run.team_id, message_id=run.reply_id)
                 view = message_view(stored)
+            if not finished:
+                # Already ended elsewhere (a reaper): never a second ending.
+                log.warning("reply %s was already ended; not ending it again", run.reply_id)
+                return
             if failure is None:
                 event = await self.log.append(
                     run.session_id,
@@ -367,6 +472,9 @@ class Replies:
                         "partial": view,
                     },
                 )
+            # A client that has seen the reply end may send the next message
+            # at once: free the session before anything else is awaited.
+            await self._release(run)
             metrics.REPLIES.labels(stop_reason=stop_reason).inc()
             elapsed = time.monotonic() - (run.first_token_at or run.started_at)
             if usage.output_tokens and elapsed > 0:
@@ -377,8 +485,7 @@ class Replies:
             log.exception("could not finish reply %s", run.reply_id)
         finally:
             self.runs.pop(run.reply_id, None)
-            if self._by_session.get(run.session_id) is run:
-                del self._by_session[run.session_id]
+            await self._release(run)
             run.done.set()
             self._schedule_summary(run)
             if (
@@ -388,6 +495,18 @@ class Replies:
                 and not self._closing
             ):
                 self.extractor.schedule(run.team_id, run.session_id)
+
+    async def _release(self, run: ReplyRun) -> None:
+        """The session may take its next message, here and on every instance
+        (idempotent)."""
+        if self._by_session.get(run.session_id) is run:
+            del self._by_session[run.session_id]
+        if not run.released:
+            run.released = True
+            try:
+                await self.leases.release(run.session_id, run.reply_id)
+            except Exception as exc:  # it expires by itself
+                log.warning("could not release the lease of %s: %s", run.reply_id, exc)
 
     async def _generate(self, run: ReplyRun) -> None:
         """Run the mode's flow: each structured step in order, its output
@@ -554,9 +673,108 @@ class Replies:
         if run is not None:
             await run.done.wait()
 
+    # -- the reaper --------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the reaper: it ends replies whose instance died."""
+        self._reaper = asyncio.create_task(self._reap_forever(), name="reply-reaper")
+
+    async def _reap_forever(self) -> None:
+        period = max(0.2, self.settings.lease_ttl_s / 2)
+        sweep_every = 30
+        rounds = 0
+        embedded_start = isinstance(self.leases, MemoryReplyLeases)
+        while True:
+            try:
+                if embedded_start:
+                    # One process: every reply still streaming in the database
+                    # at start-up belonged to a previous run of this process.
+                    await self.sweep(started_before=None)
+                    embedded_start = False
+                await self.reap_once()
+                rounds += 1
+                if rounds % sweep_every == 0:
+                    await self.sweep(
+                        started_before=utcnow()
+                        - timedelta(seconds=self.settings.reply_timeout_s + 60)
+                    )
+            except Exception:
+                log.exception("reaper round failed")
+            await asyncio.sleep(period)
+
+    async def reap_once(self) -> int:
+        """End every reply whose lease expired (its instance died); each is
+        claimed by exactly one instance. Returns how many this one ended."""
+        ended = 0
+        for expired in await self.leases.expired():
+            if expired.reply_id in self.runs:
+                continue  # ours and alive: its renewal is only late
+            claimed = await self.leases.claim_expired(expired.reply_id)
+            if claimed and await self._end_interrupted(expired.reply_id):
+                ended += 1
+        return ended
+
+    async def sweep(self, *, started_before: datetime | None) -> int:
+        """End replies left streaming with no lease at all (lost with the bus
+        state, or from before a restart of the embedded server)."""
+        async with self.sessionmaker() as db:
+            rows = await repo.unfinished_replies(db, started_before=started_before)
+        ended = 0
+        for row in rows:
+            if row.id not in self.runs and await self._end_interrupted(row.id):
+                ended += 1
+        return ended
+
+    async def _end_interrupted(self, reply_id: str) -> bool:
+        """``reply.failed`` / ``interrupted`` with the partial text the session
+        log still holds; never restarts the reply."""
+        async with self.sessionmaker() as db:
+            row = await repo.reply_by_id(db, reply_id=reply_id)
+        if row is None or row.status != "streaming":
+            return False
+        events = await self.log.read_after(row.session_id, 0) or []
+        partial = "".join(
+            str(data.get("text", ""))
+            for data in (e.data() for e in events if e.type == "reply.delta")
+            if data.get("reply_id") == reply_id
+        )
+        async with transaction(self.sessionmaker) as db:
+            finished = await repo.finish_reply_message(
+                db,
+                message_id=reply_id,
+                content=partial,
+                status="failed",
+                stop_reason="error",
+                usage=None,
+            )
+            stored = await repo.get_message(db, team_id=row.team_id, message_id=reply_id)
+            view = message_view(stored)
+        if not finished:
+            return False
+        event = await self.log.append(
+            row.session_id,
+            "reply.failed",
+            {
+                "reply_id": reply_id,
+                "code": "interrupted",
+                "message": "the server generating this reply stopped",
+                "retryable": True,
+                "partial": view,
+            },
+        )
+        metrics.REPLIES.labels(stop_reason="interrupted").inc()
+        async with transaction(self.sessionmaker) as db:
+            await repo.set_last_seq(db, session_id=row.session_id, seq=event.seq)
+        log.warning("reply %s ended as interrupted", reply_id)
+        return True
+
     async def close(self) -> None:
         """End every local reply as ``interrupted``, storing its partial text."""
         self._closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         self._unsubscribe()
         for summarising in list(self._summarising.values()):
             summarising.cancel()

@@ -66,6 +66,7 @@ async def test_500_turns_stay_within_budget_and_get_summarised(
     assert first.text
 
     r = await client.post(f"/chat/sessions/{sid}/messages", json={"content": "again"}, headers=h)
+    assert r.status_code == 201, r.text
     assert r.json()["reply"]["usage"]["input_tokens"] <= budget
     for _ in range(200):
         found = await _summaries(clean_server, sid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
@@ -9,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chathub.errors import NotFound
+from chathub.ids import new_id
 from chathub.storage.models import ChatSession, Message, utcnow
 from chathub.storage.pagination import Page, paginate
 
@@ -119,6 +121,7 @@ async def add_user_message(
     author_id: str | None,
     mode: str,
     file_ids: list[str] | None = None,
+    message_id: str | None = None,
 ) -> tuple[Message, bool]:
     """Store a user message; returns ``(message, created)``. A second call with
     the same ``client_msg_id`` returns the stored message and ``False``."""
@@ -128,6 +131,7 @@ async def add_user_message(
     if existing is not None:
         return existing, False
     message = Message(
+        id=message_id or new_id(),
         team_id=team_id,
         session_id=session_id,
         role="user",
@@ -160,8 +164,10 @@ async def add_reply_message(
     reply_to: str,
     mode: str,
     model: str,
+    reply_id: str | None = None,
 ) -> Message:
     message = Message(
+        id=reply_id or new_id(),
         team_id=team_id,
         session_id=session_id,
         role="assistant",
@@ -185,9 +191,10 @@ async def finish_reply_message(
     stop_reason: str | None,
     usage: dict[str, Any] | None,
     trace: dict[str, Any] | None = None,
-) -> None:
-    """Set the final text once; a reply already finished is left as it is."""
-    await session.execute(
+) -> bool:
+    """Set the final text once; a reply already finished is left as it is
+    (then this returns False)."""
+    result = await session.execute(
         update(Message)
         .where(Message.id == message_id, Message.status == "streaming")
         .values(
@@ -199,6 +206,25 @@ async def finish_reply_message(
             completed_at=utcnow(),
         )
     )
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def reply_by_id(session: AsyncSession, *, reply_id: str) -> Message | None:
+    """A reply by id whatever its team: for the reaper, which knows a reply
+    only by the lease it left behind. Never reachable from a request."""
+    return await session.scalar(
+        select(Message).where(Message.id == reply_id, Message.role == "assistant")
+    )
+
+
+async def unfinished_replies(
+    session: AsyncSession, *, started_before: datetime | None = None, limit: int = 100
+) -> list[Message]:
+    """Replies still marked as streaming (of every team: for the reaper)."""
+    stmt = select(Message).where(Message.status == "streaming", Message.role == "assistant")
+    if started_before is not None:
+        stmt = stmt.where(Message.created_at < started_before)
+    return list((await session.scalars(stmt.order_by(Message.id).limit(limit))).all())
 
 
 async def get_message(session: AsyncSession, *, team_id: str, message_id: str) -> Message:

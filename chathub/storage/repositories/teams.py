@@ -9,10 +9,9 @@ Two invariants live here rather than in the routes, so every caller keeps them:
 Changes to a member are conditional on the role the caller read, so a
 permission check made on that role cannot be overtaken by a concurrent
 promotion; the loser gets :class:`Conflict` and may read again and retry.
-Locks are taken in one order: the caller's key (touched by authentication),
-the target member's keys, the team row, the member row. Two admins changing
-each other at the same instant still cross; PostgreSQL then aborts one, and
-that one gets :class:`Conflict` too.
+Locks are taken in one order: the target member's keys, the team row, the
+member row. Should two changes still cross (PostgreSQL aborts one of a
+deadlocked pair), the aborted one gets :class:`Conflict` too, never a 500.
 """
 
 from __future__ import annotations
@@ -107,9 +106,9 @@ async def count_owners(session: AsyncSession, *, team_id: str) -> int:
 async def lock_team(session: AsyncSession, team_id: str) -> None:
     """Hold the team's row until commit, serialising changes to its owners.
 
-    A no-op write rather than ``SELECT ... FOR UPDATE``: PostgreSQL locks the
-    row (without blocking inserts that reference it), and SQLite, which has no
-    row locks and ignores ``FOR UPDATE``, takes its database write lock."""
+    A no-op write rather than ``SELECT ... FOR UPDATE``: on PostgreSQL it locks
+    the row without blocking inserts that reference it, and it means the same
+    on SQLite, which ignores ``FOR UPDATE`` (and serialises writers anyway)."""
     await session.execute(update(Team).where(Team.id == team_id).values(name=Team.name))
 
 

@@ -1,0 +1,113 @@
+"""Rate limits: the generic cell rate algorithm (GCRA), a token bucket kept as
+one timestamp per key. In process on the embedded default; in Redis (one Lua
+script, atomic) when several instances must share the limit.
+
+``limit`` units per ``period_s`` seconds, with bursts up to ``limit``. A call
+costs ``cost`` units; it is refused, with the seconds to wait, when the bucket
+cannot hold it. A refused call costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+from chathub.config import Settings
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    retry_after_s: float = 0.0
+
+
+class RateLimiter(Protocol):
+    async def hit(self, key: str, *, cost: float, limit: float, period_s: float) -> Decision: ...
+
+    async def close(self) -> None: ...
+
+
+def _gcra(
+    tat: float, now: float, cost: float, limit: float, period_s: float
+) -> tuple[bool, float, float]:
+    """(allowed, new tat, retry after) for one request; pure."""
+    interval = period_s / limit  # seconds per unit
+    burst = period_s  # the whole limit may be spent at once
+    tat = max(tat, now)
+    new_tat = tat + cost * interval
+    allow_at = new_tat - burst
+    if allow_at <= now:
+        return True, new_tat, 0.0
+    return False, tat, allow_at - now
+
+
+class MemoryRateLimiter:
+    def __init__(self) -> None:
+        self._tat: dict[str, float] = {}
+
+    async def hit(self, key: str, *, cost: float, limit: float, period_s: float) -> Decision:
+        now = time.monotonic()
+        allowed, tat, wait = _gcra(self._tat.get(key, now), now, cost, limit, period_s)
+        if allowed:
+            self._tat[key] = tat
+            if len(self._tat) > 100_000:  # forget buckets that are full again
+                self._tat = {k: v for k, v in self._tat.items() if v > now}
+        return Decision(allowed, wait)
+
+    async def close(self) -> None:
+        self._tat.clear()
+
+
+_LUA = """
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local period = tonumber(ARGV[4])
+local interval = period / limit
+local tat = tonumber(redis.call('GET', key) or now)
+if tat < now then tat = now end
+local new_tat = tat + cost * interval
+local allow_at = new_tat - period
+if allow_at <= now then
+  redis.call('SET', key, new_tat, 'PX', math.ceil((new_tat - now) * 1000) + 1000)
+  return {1, '0'}
+end
+return {0, tostring(allow_at - now)}
+"""
+
+
+class RedisRateLimiter:
+    """Shared limits: every instance reads and writes the same bucket, in one
+    atomic script, against Redis's clock (so instances' clocks don't matter)."""
+
+    def __init__(self, url: str, *, prefix: str = "chathub:rate:") -> None:
+        self._redis: Redis = Redis.from_url(url)
+        self._script = self._redis.register_script(_LUA)
+        self.prefix = prefix
+
+    async def hit(self, key: str, *, cost: float, limit: float, period_s: float) -> Decision:
+        seconds, micros = await self._redis.time()
+        now = seconds + micros / 1_000_000
+        allowed, wait = await self._script(
+            keys=[self.prefix + key], args=[repr(now), repr(cost), repr(limit), repr(period_s)]
+        )
+        return Decision(bool(allowed), float(wait))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def create_rate_limiter(settings: Settings) -> RateLimiter:
+    if settings.redis_url:
+        return RedisRateLimiter(settings.redis_url)
+    return MemoryRateLimiter()
+
+
+def retry_after(decisions: list[Decision]) -> float | None:
+    waits = [d.retry_after_s for d in decisions if not d.allowed]
+    return math.ceil(max(waits) * 1000) / 1000 if waits else None

@@ -1,0 +1,102 @@
+"""Rate limits: the limiter on its own (in process and in Redis, where
+instances share the bucket) and as clients meet it."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chathub.server.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from tests.harness import REDIS_URL, make_team, start_server, test_settings
+from tests.wsclient import WsClient
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[RateLimiter]:
+    made: RateLimiter = (
+        MemoryRateLimiter() if request.param == "memory" else RedisRateLimiter(REDIS_URL)
+    )
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+async def test_burst_then_refusal_with_retry_after(limiter: RateLimiter) -> None:
+    key = secrets.token_hex(8)
+    results = [await limiter.hit(key, cost=1, limit=5, period_s=60) for _ in range(7)]
+    assert [r.allowed for r in results] == [True] * 5 + [False] * 2
+    assert 0 < results[-1].retry_after_s <= 12.5  # one unit comes back every 12 s
+    # costs count: a big request spends the bucket
+    other = secrets.token_hex(8)
+    assert (await limiter.hit(other, cost=4, limit=5, period_s=60)).allowed
+    assert not (await limiter.hit(other, cost=2, limit=5, period_s=60)).allowed
+    assert (await limiter.hit(other, cost=1, limit=5, period_s=60)).allowed
+
+
+async def test_redis_buckets_are_shared_between_instances() -> None:
+    a, b = RedisRateLimiter(REDIS_URL), RedisRateLimiter(REDIS_URL)
+    key = secrets.token_hex(8)
+    try:
+        assert (await a.hit(key, cost=2, limit=3, period_s=60)).allowed
+        assert (await b.hit(key, cost=1, limit=3, period_s=60)).allowed
+        assert not (await a.hit(key, cost=1, limit=3, period_s=60)).allowed
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_clients_get_rate_limited_with_retry_after(tmp_path: Path) -> None:
+    server = await start_server(
+        test_settings(
+            f"sqlite+aiosqlite:///{tmp_path / 'r.db'}",
+            tmp_path,
+            rate_user_messages=2,
+            max_message_chars=100,
+        )
+    )
+    try:
+        team = await make_team(server.state)
+        h = team.owner.headers
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            sid = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
+            ws = await WsClient.connect(server.ws_url, team.owner.api_key)
+            too_long = await ws.request(
+                {
+                    "type": "message.send",
+                    "session_id": sid,
+                    "client_msg_id": "big",
+                    "content": "x" * 101,
+                }
+            )
+            assert too_long["code"] == "too_large"
+            for n in range(2):
+                r = await client.post(
+                    f"/chat/sessions/{sid}/messages", json={"content": f"m{n}"}, headers=h
+                )
+                assert r.status_code == 201
+            limited = await ws.request(
+                {
+                    "type": "message.send",
+                    "session_id": sid,
+                    "client_msg_id": "c3",
+                    "content": "one more",
+                }
+            )
+            assert limited["type"] == "error" and limited["code"] == "rate_limited"
+            assert limited["retry_after_s"] > 0
+            r = await client.post(
+                f"/chat/sessions/{sid}/messages", json={"content": "again"}, headers=h
+            )
+            assert r.status_code == 429
+            assert r.json()["code"] == "rate_limited" and int(r.headers["Retry-After"]) >= 1
+            # a refused message was not stored, and a retry of a stored one is not charged
+            msgs = (await client.get(f"/chat/sessions/{sid}/messages", headers=h)).json()["items"]
+            assert [m["content"] for m in msgs if m["role"] == "user"] == ["m0", "m1"]
+            await ws.close()
+    finally:
+        await server.stop()
