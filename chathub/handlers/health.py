@@ -6,11 +6,13 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from chathub import __version__
 from chathub.handlers.deps import StateDep
+from chathub.server import metrics
 
 router = APIRouter(tags=["health"])
 
@@ -19,6 +21,15 @@ router = APIRouter(tags=["health"])
 async def healthz() -> dict[str, str]:
     """The process is up and serving."""
     return {"status": "ok", "version": __version__}
+
+
+@router.get(
+    "/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}
+)
+async def metrics_endpoint(state: StateDep) -> Response:
+    """Prometheus metrics of this instance."""
+    metrics.SEND_QUEUE_DEPTH.set(sum(c.queue_depth for c in state.hub.connections.values()))
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/readyz", responses={503: {"description": "a dependency is not ready"}})

@@ -21,6 +21,7 @@ from chathub.server.extraction import Extractor
 from chathub.server.hub import Hub
 from chathub.server.leases import create_leases
 from chathub.server.limits import MULTIPART_OVERHEAD, BodyLimit
+from chathub.server.metrics import HttpMetrics
 from chathub.server.ratelimit import create_rate_limiter
 from chathub.server.replies import Replies
 from chathub.server.session_log import create_session_log
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
         return settings.max_body_bytes
 
     app.add_middleware(BodyLimit, limit_for=limit_for)
+    app.add_middleware(HttpMetrics)
 
     from chathub.handlers import routers
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 OPEN_SOCKETS = Gauge("chathub_open_sockets", "Open WebSocket connections")
 FRAMES_IN = Counter("chathub_frames_in_total", "Client frames received")
@@ -27,3 +30,33 @@ GUARDRAIL_ACTIONS = Counter(
 HTTP_LATENCY = Histogram(
     "chathub_http_request_seconds", "HTTP latency by route", ["method", "route", "status"]
 )
+SEND_QUEUE_DEPTH = Gauge("chathub_send_queue_depth", "Frames queued for sockets, in total")
+
+
+class HttpMetrics:
+    """Latency of every HTTP request by method, route template and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            HTTP_LATENCY.labels(scope["method"], path, str(status)).observe(
+                time.perf_counter() - started
+            )

@@ -1,0 +1,66 @@
+"""Liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.harness import TeamFixture
+
+
+async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json()["status"] == "ok"
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {
+        "database": "ok",
+        "bus": "ok",
+        "session_log": "ok",
+        "llm": "ok",
+    }
+
+
+async def test_metrics_count_requests_by_route(
+    client: httpx.AsyncClient, team: TeamFixture
+) -> None:
+    await client.get("/chat/sessions", headers=team.owner.headers)
+    body = (await client.get("/metrics")).text
+    assert (
+        'chathub_http_request_seconds_count{method="GET",route="/chat/sessions",status="200"}'
+        in body
+    )
+    assert "chathub_open_sockets" in body and "chathub_replies_total" in body
+
+
+async def test_openapi_describes_routes_errors_and_pages(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    paths = spec["paths"]
+    for path in (
+        "/auth/token",
+        "/chat/sessions",
+        "/chat/sessions/{session_id}",
+        "/chat/sessions/{session_id}/messages",
+        "/dashboard",
+        "/dashboard/tasks",
+        "/dashboard/tasks/{task_id}",
+        "/dashboard/insights",
+        "/dashboard/states",
+        "/dashboard/states/{key}/history",
+        "/team/members",
+        "/team/api-keys",
+        "/files",
+        "/files/{file_id}",
+        "/files/{file_id}/content",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
+        assert path in paths, path
+    listing = paths["/chat/sessions"]["get"]
+    params = {p["name"] for p in listing["parameters"]}
+    assert {"limit", "cursor", "mode", "archived", "q"} <= params
+    assert {"400", "401"} <= set(listing["responses"])
+    assert "next_cursor" in str(listing["responses"]["200"]) or "Page" in str(
+        listing["responses"]["200"]
+    )
+    patch = paths["/dashboard/tasks/{task_id}"]["patch"]
+    assert "409" in patch["responses"]
