@@ -22,8 +22,8 @@ Beyond PROTOCOL.md (additions, nothing changed):
   rises with every change and never falls; the same number the dashboard
   channel of the socket carries.
 
-Writing here does not yet publish ``dashboard.updated``; the socket hub does
-that when it lands.
+Every write here publishes ``dashboard.updated`` to the team's subscribed
+sockets (on every instance) once it has committed.
 """
 
 from __future__ import annotations
