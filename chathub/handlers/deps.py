@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Header, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chathub.auth import Principal, looks_like_api_key
+from chathub.auth import ROLE_RANK, Principal, looks_like_api_key
 from chathub.errors import Forbidden, Unauthorized
 from chathub.server.state import AppState
 from chathub.storage.models import utcnow
@@ -61,10 +62,18 @@ async def authenticate(state: AppState, db: AsyncSession, token: str) -> Princip
             member_id=member.id, team_id=member.team_id, role=key.role, api_key_id=key.id
         )
     principal = state.tokens.verify(token)
-    if not await teams.member_is_active(
-        db, team_id=principal.team_id, member_id=principal.member_id
-    ):
-        raise Unauthorized("member no longer exists")
+    # A token lives for its TTL; the member, their role and the key it was
+    # issued for are checked now, so removal, demotion and revocation bite at once.
+    role = await teams.current_role(
+        db,
+        team_id=principal.team_id,
+        member_id=principal.member_id,
+        api_key_id=principal.api_key_id,
+    )
+    if role is None:
+        raise Unauthorized("the member or the key this token was issued for is gone")
+    if ROLE_RANK[role] < ROLE_RANK[principal.role]:
+        principal = replace(principal, role=role)
     return principal
 
 

@@ -312,9 +312,28 @@ async def touch_api_key(session: AsyncSession, key_id: str) -> None:
 
 
 async def member_is_active(session: AsyncSession, *, team_id: str, member_id: str) -> bool:
-    found = await session.scalar(
-        select(Member.id).where(
+    return await current_role(session, team_id=team_id, member_id=member_id) is not None
+
+
+async def current_role(
+    session: AsyncSession, *, team_id: str, member_id: str, api_key_id: str | None = None
+) -> str | None:
+    """The role a token of this member (and key) may still use now: the
+    lower of the member's and the key's; None when either is gone."""
+    role = await session.scalar(
+        select(Member.role).where(
             Member.id == member_id, Member.team_id == team_id, Member.deleted_at.is_(None)
         )
     )
-    return found is not None
+    if role is None or api_key_id is None:
+        return role
+    key_role = await session.scalar(
+        select(ApiKey.role).where(
+            ApiKey.id == api_key_id,
+            ApiKey.member_id == member_id,
+            ApiKey.revoked_at.is_(None),
+        )
+    )
+    if key_role is None:
+        return None
+    return min(role, key_role, key=ROLE_RANK.__getitem__)

@@ -1,0 +1,142 @@
+"""The ``chathub`` command, run as a user would: in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from chathub.storage.models import Base
+from tests.harness import (
+    PG_HOST,
+    PG_PORT,
+    PG_USER,
+    create_pg_database,
+    drop_pg_database,
+    http_client,
+    pg_url,
+    start_server,
+    test_settings,
+)
+
+CHATHUB = Path(sys.executable).parent / "chathub"
+
+
+async def run(*argv: str, env: dict[str, str], timeout: float = 120) -> tuple[int, str, str]:
+    """Run a command with only the given ``CHATHUB_*`` settings; returns
+    ``(exit code, stdout, stderr)``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHATHUB_")}
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        env=clean | env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"{argv} did not finish within {timeout}s")
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_bootstrap_prints_a_key_that_works(tmp_path: Path) -> None:
+    code, out, err = await run(
+        sys.executable,
+        "-m",
+        "chathub",
+        "admin",
+        "bootstrap",
+        "--team",
+        "Initech",
+        "--email",
+        "Peter@Initech.example",
+        "--name",
+        "Peter",
+        env={"CHATHUB_DATA_DIR": str(tmp_path)},
+    )
+    assert code == 0, err
+    created = json.loads(out.strip().splitlines()[-1])
+    assert set(created) == {"team_id", "user_id", "api_key"}
+    assert created["api_key"].startswith("chk_")
+
+    server = await start_server(
+        test_settings(f"sqlite+aiosqlite:///{tmp_path}/chathub.db", tmp_path)
+    )
+    try:
+        async with http_client(server) as client:
+            headers = {"Authorization": f"Bearer {created['api_key']}"}
+            r = await client.get("/team/members", headers=headers)
+            assert r.status_code == 200, r.text
+            [owner] = r.json()["items"]
+            assert owner["id"] == created["user_id"]
+            assert owner["role"] == "owner" and owner["email"] == "peter@initech.example"
+            assert owner["name"] == "Peter"
+            # an owner key: it may make more keys, owner ones included
+            r = await client.post(
+                "/team/api-keys", json={"name": "second", "role": "owner"}, headers=headers
+            )
+            assert r.status_code == 201, r.text
+            token = await client.post("/auth/token", json={"api_key": created["api_key"]})
+            assert token.status_code == 200
+    finally:
+        await server.stop()
+
+
+async def test_bootstrap_twice_makes_two_separate_teams(tmp_path: Path) -> None:
+    env = {"CHATHUB_DATA_DIR": str(tmp_path)}
+    results = []
+    for team in ("One", "Two"):
+        code, out, err = await run(
+            sys.executable, "-m", "chathub", "admin", "bootstrap",
+            "--team", team, "--email", "same@example.com",
+            env=env,
+        )  # fmt: skip
+        assert code == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results[0]["team_id"] != results[1]["team_id"]
+    assert results[0]["api_key"] != results[1]["api_key"]
+
+
+async def test_db_upgrade_creates_the_tables_on_postgres() -> None:
+    name = await create_pg_database()
+    try:
+        code, out, err = await run(
+            str(CHATHUB), "db", "upgrade", env={"CHATHUB_DATABASE_URL": pg_url(name)}
+        )
+        assert code == 0, err
+        assert "up to date" in out
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=name)
+        try:
+            rows = await conn.fetch(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            )
+            revision = await conn.fetchval("SELECT version_num FROM alembic_version")
+        finally:
+            await conn.close()
+        tables = {r["table_name"] for r in rows}
+        assert set(Base.metadata.tables) <= tables
+        assert revision
+        # running it again is a no-op, not an error
+        code, _, err = await run(
+            str(CHATHUB), "db", "upgrade", env={"CHATHUB_DATABASE_URL": pg_url(name)}
+        )
+        assert code == 0, err
+    finally:
+        await drop_pg_database(name)
+
+
+async def test_bad_command_line_exits_non_zero(tmp_path: Path) -> None:
+    code, _, err = await run(
+        str(CHATHUB), "admin", "bootstrap", "--team", "NoEmail",
+        env={"CHATHUB_DATA_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert code != 0 and "--email" in err
+    assert not (tmp_path / "chathub.db").exists()
