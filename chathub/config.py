@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     rate_team_tokens: int = Field(default=500_000, ge=0)
     max_message_chars: int = Field(default=32_000, ge=1)
 
+    # The streaming output guardrail holds back at most this much (a sentence
+    # end releases earlier); see chathub.llm.guardrails.holdback.
+    guardrail_holdback_chars: int = Field(default=128, ge=16)
+    guardrail_holdback_ms: float = Field(default=250.0, gt=0)
+
     @property
     def embedded(self) -> bool:
         """True when running on the no-configuration defaults (SQLite file)."""

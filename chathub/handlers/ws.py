@@ -68,15 +68,19 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.close(code=1008)  # before accept: the server answers 403
         return
     await websocket.accept()
-    principal = await _authenticate(websocket, state)
-    if principal is None:
+    authenticated = await _authenticate(websocket, state)
+    if authenticated is None:
         return
+    principal, auth_id = authenticated
     conn = Connection(websocket, new_id(), principal, settings.ws_send_queue)
     hub = state.hub
     hub.register(conn)
     conn.start()
     try:
-        conn.send(encode(await _welcome(state, conn)))
+        welcome = await _welcome(state, conn)
+        if auth_id is not None:  # the welcome answers the auth frame
+            welcome["id"] = auth_id
+        conn.send(encode(welcome))
         await _serve(websocket, state, conn)
     except WebSocketDisconnect:
         pass
@@ -88,10 +92,13 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await conn.drain_and_stop(0)
 
 
-async def _authenticate(websocket: WebSocket, state: AppState) -> Principal | None:
+async def _authenticate(
+    websocket: WebSocket, state: AppState
+) -> tuple[Principal, str | None] | None:
     """The upgrade's Authorization header, else a first ``auth`` frame within
-    the timeout. Failure closes with 4401."""
+    the timeout; with the auth frame's ``id``. Failure closes with 4401."""
     header = websocket.headers.get("authorization")
+    request_id: str | None = None
     try:
         if header:
             token = bearer_token(header)
@@ -101,11 +108,16 @@ async def _authenticate(websocket: WebSocket, state: AppState) -> Principal | No
             frame = parse_frame(message)
             if not isinstance(frame, AuthFrame):
                 raise Unauthorized("the first frame must be 'auth'")
-            token = frame.token
+            token, request_id = frame.token, frame.id
         async with state.sessionmaker() as db, db.begin():
-            return await authenticate(state, db, token)
+            return await authenticate(state, db, token), request_id
     except (ChathubError, TimeoutError, KeyError, RuntimeError, WebSocketDisconnect) as exc:
-        reason = exc.detail if isinstance(exc, ChathubError) else "authentication timed out"
+        if isinstance(exc, ChathubError):
+            reason = exc.detail
+        elif isinstance(exc, TimeoutError):
+            reason = "authentication timed out"
+        else:
+            reason = "authentication failed"
         with contextlib.suppress(Exception):
             await websocket.close(code=CLOSE_UNAUTHORIZED, reason=reason[:120])
         return None

@@ -10,11 +10,14 @@ step streams to the user.
 from __future__ import annotations
 
 import tomllib
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Annotated, Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from chathub.llm.guardrails import Policy, PolicyError
 
 MODE_NAME = r"^[a-z][a-z0-9_-]{0,63}$"
 
@@ -43,6 +46,10 @@ class Mode(BaseModel):
 
     @model_validator(mode="after")
     def _flow_shape(self) -> Mode:
+        try:
+            mode_policy(self)
+        except PolicyError as exc:
+            raise ValueError(f"guardrails: {exc}") from exc
         if self.flow:
             *structured, last = self.flow
             if any(step.output_schema is None for step in structured):
@@ -64,6 +71,17 @@ class Mode(BaseModel):
 def shipped_modes() -> dict[str, Mode]:
     raw = tomllib.loads(resources.files("chathub.llm").joinpath("modes.toml").read_text())
     return {name: Mode(name=name, **spec) for name, spec in raw.items()}
+
+
+def mode_policy(mode: Mode) -> Policy:
+    """The mode's guardrail policy (its ``guardrails`` document over the
+    defaults); built once per distinct document."""
+    return _policy(orjson.dumps(mode.guardrails, option=orjson.OPT_SORT_KEYS))
+
+
+@lru_cache(maxsize=256)
+def _policy(document: bytes) -> Policy:
+    return Policy.from_dict(orjson.loads(document))
 
 
 def get_mode(name: str) -> Mode | None:

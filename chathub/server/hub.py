@@ -51,16 +51,14 @@ class Hub:
         missed events are queued first, then live ones, with no gap."""
         last = await self.log.last_seq(session_id)
         if after_seq is None:
-            conn.sessions[session_id] = SessionCursor(last_seq=last)
-            self._by_session[session_id].add(conn)
+            self._join_live(conn, session_id, last)
             return {"session_id": session_id, "last_seq": last}
         missed = await self.log.read_after(session_id, after_seq)
         if missed is None:
             metrics.RESUMES.labels(recovered="false").inc()
             # Go on live from now; the client reloads the history over REST.
             last = await self.log.last_seq(session_id)
-            conn.sessions[session_id] = SessionCursor(last_seq=last)
-            self._by_session[session_id].add(conn)
+            self._join_live(conn, session_id, last)
             return {"session_id": session_id, "last_seq": last, "recovered": False}
         metrics.RESUMES.labels(recovered="true").inc()
         cursor = SessionCursor(last_seq=after_seq, catching_up=True)
@@ -69,6 +67,13 @@ class Hub:
         ack = {"session_id": session_id, "last_seq": last, "recovered": True}
         self._spawn(self._catch_up(conn, session_id, missed))
         return ack
+
+    def _join_live(self, conn: Connection, session_id: str, last: int) -> None:
+        conn.sessions[session_id] = SessionCursor(last_seq=last)
+        self._by_session[session_id].add(conn)
+        # An event appended while ``last`` was being read went out before this
+        # socket was listed; the log still has it.
+        self.catch_up(conn, session_id)
 
     def leave(self, conn: Connection, session_id: str) -> bool:
         if conn.sessions.pop(session_id, None) is None:
@@ -104,12 +109,9 @@ class Hub:
                     batch = await self.log.read_after(session_id, cursor.last_seq)
                     if batch is None:
                         # The window moved past us while catching up.
-                        conn.send(
-                            _encode_lost(
-                                session_id, cursor.last_seq, await self.log.last_seq(session_id)
-                            )
-                        )
-                        cursor.last_seq = await self.log.last_seq(session_id)
+                        last = await self.log.last_seq(session_id)
+                        conn.send(_encode_lost(session_id, cursor.last_seq, last))
+                        cursor.last_seq = last
                         break
                 if not batch:
                     break
@@ -120,6 +122,13 @@ class Hub:
                 batch = None
         finally:
             cursor.catching_up = False
+        if conn.closed or conn.sessions.get(session_id) is not cursor:
+            return
+        # A live event that arrived while the last read was in flight was
+        # dropped by ``deliver`` (we were catching up) and need not be in
+        # what that read returned. Live delivery is back on: read once more.
+        for event in await self.log.read_after(session_id, cursor.last_seq) or ():
+            conn.deliver(event, self.catch_up)
 
     # -- dashboard ---------------------------------------------------------
 

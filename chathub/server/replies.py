@@ -25,7 +25,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chathub.auth import Principal
 from chathub.config import Settings
-from chathub.errors import BadRequest, Conflict, NotFound, RateLimited, TooLarge, Unavailable
+from chathub.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    TooLarge,
+    Unavailable,
+)
 from chathub.ids import new_id
 from chathub.llm.base import (
     CompletionRequest,
@@ -47,13 +55,15 @@ from chathub.llm.context import (
     estimate_counter,
     summary_prompt,
 )
-from chathub.llm.modes import Mode
+from chathub.llm.guardrails import check_input
+from chathub.llm.modes import Mode, mode_policy
 from chathub.llm.retry import call_with_retry, stream_with_retry
 from chathub.server import metrics
 from chathub.server.bus import Bus
 from chathub.server.extraction import Extractor
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
 from chathub.server.ratelimit import MemoryRateLimiter, RateLimiter, retry_after
+from chathub.server.reply_stream import DeltaWriter
 from chathub.server.session_log import SessionLog
 from chathub.storage.blobs import BlobStore
 from chathub.storage.db import transaction
@@ -94,16 +104,12 @@ class ReplyRun:
     summary: str | None
     files: list[tuple[str, str]]
     """Attached text files: (name, sha256), newest first."""
-    sent: list[str] = field(default_factory=list)
-    buffer: list[str] = field(default_factory=list)
-    buffered_at: float = 0.0
+    writer: DeltaWriter | None = None
     end: StreamEnd | None = None
     cancelled: bool = False
     stream_task: asyncio.Task[None] | None = None
     task: asyncio.Task[None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    flush_timer: asyncio.TimerHandle | None = None
     first_token_at: float | None = None
     dropped: int = 0
     lost: bool = False
@@ -227,6 +233,15 @@ class Replies:
             )
             if mode is None:
                 raise BadRequest(f"unknown mode {mode_name or chat.mode!r}")
+            verdict = check_input(content, mode_policy(mode))
+            for action, rule in verdict.actions:
+                metrics.GUARDRAIL_ACTIONS.labels(action=action, rule=rule).inc()
+            if verdict.refused:
+                raise Forbidden(
+                    f"the message was refused by the {verdict.reason} guardrail",
+                    rule=verdict.reason,
+                )
+            content = verdict.text  # what is stored and sent: redacted per policy
             attached = [
                 await files_repo.get_file(db, team_id=principal.team_id, file_id=file_id)
                 for file_id in dict.fromkeys(file_ids or [])
@@ -319,6 +334,8 @@ class Replies:
         if run is not None:
             if run.team_id != principal.team_id:
                 raise NotFound("reply not found")
+            if run.released:  # its last event is out; only bookkeeping is left
+                return False
             self._stop(run)
             return True
         async with self.sessionmaker() as db:
@@ -373,6 +390,16 @@ class Replies:
 
     async def _run_reply(self, run: ReplyRun, user_message: dict[str, Any]) -> None:
         failure: ProviderError | None = None
+        run.writer = DeltaWriter(
+            log=self.log,
+            session_id=run.session_id,
+            reply_id=run.reply_id,
+            policy=mode_policy(run.mode),
+            holdback_chars=self.settings.guardrail_holdback_chars,
+            holdback_ms=self.settings.guardrail_holdback_ms,
+            coalesce_s=self.settings.coalesce_ms / 1000,
+            coalesce_chars=self.settings.coalesce_chars,
+        )
         try:
             await self.log.append(run.session_id, "message.created", {"message": user_message})
             await self.log.append(
@@ -417,18 +444,20 @@ class Replies:
         if run.lost:
             failure = ProviderError("the reply was taken over", retryable=True)
         try:
-            if run.flush_timer is not None:
-                run.flush_timer.cancel()
-            await self._flush(run)
-            text = "".join(run.sent)
+            text = ""
+            if run.writer is not None:
+                await run.writer.finish()
+                text = run.writer.text
             usage = run.end.usage if run.end else Usage(output_tokens=0)
             usage_view = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
             if failure is None:
-                stop_reason = (
-                    "cancelled"
-                    if run.cancelled
-                    else (run.end.stop_reason if run.end else "end_turn")
-                )
+                stop_reason: str
+                if run.writer is not None and run.writer.blocked:
+                    stop_reason = "blocked"
+                elif run.cancelled:
+                    stop_reason = "cancelled"
+                else:
+                    stop_reason = run.end.stop_reason if run.end else "end_turn"
                 status = "complete"
             else:
                 stop_reason = "error"
@@ -552,11 +581,10 @@ class Replies:
         await self._pump(run, request)
 
     async def _pump(self, run: ReplyRun, request: CompletionRequest) -> None:
-        """Provider → coalescer → session log."""
+        """Provider → output guardrail → coalescer → session log."""
+        writer = run.writer
+        assert writer is not None
         stream: AsyncIterator[StreamEvent] = stream_with_retry(self.provider, request)
-        window = self.settings.coalesce_ms / 1000
-        limit = self.settings.coalesce_chars
-        loop = asyncio.get_running_loop()
         try:
             async for event in stream:
                 if isinstance(event, StreamEnd):
@@ -564,45 +592,17 @@ class Replies:
                     continue
                 if not isinstance(event, TextDelta) or not event.text:
                     continue
-                now = loop.time()
                 if run.first_token_at is None:
                     run.first_token_at = time.monotonic()
                     metrics.TIME_TO_FIRST_TOKEN.observe(run.first_token_at - run.started_at)
-                if window <= 0:
-                    run.buffer.append(event.text)
-                    await self._flush(run)
-                    continue
-                if not run.buffer:
-                    run.buffered_at = now
-                    run.flush_timer = loop.call_later(window, self._flush_soon, run)
-                run.buffer.append(event.text)
-                if now - run.buffered_at >= window or sum(map(len, run.buffer)) >= limit:
-                    await self._flush(run)
+                await writer.write(event.text)
+                if writer.blocked:
+                    break  # the guardrail stopped the reply: stop generating
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
-
-    def _flush_soon(self, run: ReplyRun) -> None:
-        run.flush_timer = None
-        if run.buffer:
-            asyncio.get_running_loop().create_task(self._flush(run))
-
-    async def _flush(self, run: ReplyRun) -> None:
-        """Append the buffered text as one ``reply.delta``; ordered by a lock."""
-        async with run.flush_lock:
-            if not run.buffer:
-                return
-            text = "".join(run.buffer)
-            run.buffer.clear()
-            if run.flush_timer is not None:
-                run.flush_timer.cancel()
-                run.flush_timer = None
-            await self.log.append(
-                run.session_id, "reply.delta", {"reply_id": run.reply_id, "text": text}
-            )
-            run.sent.append(text)
 
     async def count_tokens(self, request: CompletionRequest) -> int:
         """The provider's own count where it has one, else the estimate."""

@@ -1,0 +1,156 @@
+"""One reply's way from the provider's tokens to the session log.
+
+Tokens pass the streaming output guardrail (a hold-back filter that redacts
+or blocks patterns split across any number of tokens), then the coalescer
+(one ``reply.delta`` every ``coalesce_s`` or ``coalesce_chars``), then the
+log. Guarantees: the deltas appended, concatenated, are :attr:`text`; no
+redacted span ever reaches the log; after a block nothing more is written
+but the policy's safe message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from chathub.llm.guardrails import FilterOutput, HoldbackFilter, Policy
+from chathub.server import metrics
+from chathub.server.session_log import SessionLog
+
+
+class DeltaWriter:
+    def __init__(
+        self,
+        *,
+        log: SessionLog,
+        session_id: str,
+        reply_id: str,
+        policy: Policy,
+        holdback_chars: int,
+        holdback_ms: float,
+        coalesce_s: float,
+        coalesce_chars: int,
+    ) -> None:
+        self.log = log
+        self.session_id = session_id
+        self.reply_id = reply_id
+        self.policy = policy
+        self.filter = HoldbackFilter(
+            policy, holdback_chars=holdback_chars, holdback_ms=holdback_ms or math.inf
+        )
+        self.coalesce_s = coalesce_s
+        self.coalesce_chars = coalesce_chars
+        self.sent: list[str] = []
+        self.blocked = False
+        self._buffer: list[str] = []
+        self._buffered = 0
+        self._buffered_at = 0.0
+        self._pending: list[tuple[str, str]] = []  # guardrail actions to announce
+        self._lock = asyncio.Lock()
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._poll_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.sent)
+
+    async def write(self, token: str) -> None:
+        """One provider token."""
+        if self.blocked:
+            return
+        now = self._loop.time()
+        if self._accept(self.filter.feed(token, now), now):
+            await self._flush()
+        self._arm_poll()
+
+    async def finish(self) -> None:
+        """End of the stream (or cancel, or failure): release what the filter
+        holds, write the rest. Idempotent."""
+        for timer in (self._flush_timer, self._poll_timer):
+            if timer is not None:
+                timer.cancel()
+        self._flush_timer = self._poll_timer = None
+        if not self.blocked and not self.filter.blocked:
+            try:
+                out = self.filter.flush(self._loop.time())
+            except RuntimeError:  # already flushed
+                out = FilterOutput()
+            self._accept(out, self._loop.time())
+        for task in list(self._tasks):
+            await task
+        await self._flush()
+
+    def _accept(self, out: FilterOutput, now: float) -> bool:
+        """Take the filter's output into the buffer (synchronously, so order is
+        kept); True when the buffer should be written now."""
+        if out.text:
+            if not self._buffer:
+                self._buffered_at = now
+                if self.coalesce_s > 0:
+                    self._flush_timer = self._loop.call_later(self.coalesce_s, self._flush_later)
+            self._buffer.append(out.text)
+            self._buffered += len(out.text)
+        if out.actions:
+            self._pending.extend(out.actions)
+        if out.blocked and not self.blocked:
+            self.blocked = True
+            self._buffer.append(self.policy.safe_message)
+            self._buffered += len(self.policy.safe_message)
+        return bool(
+            self._pending
+            or self.blocked
+            or self.coalesce_s <= 0
+            or self._buffered >= self.coalesce_chars
+            or (self._buffer and now - self._buffered_at >= self.coalesce_s)
+        )
+
+    def _spawn_flush(self) -> None:
+        task = self._loop.create_task(self._flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _flush_later(self) -> None:
+        self._flush_timer = None
+        if self._buffer:
+            self._spawn_flush()
+
+    def _arm_poll(self) -> None:
+        """Held text is looked at again after the hold-back time even if no
+        token comes (a limit may release it as a redaction)."""
+        if self._poll_timer is None and self.filter.held and not self.blocked:
+            self._poll_timer = self._loop.call_later(
+                max(self.filter.holdback_ms / 1000, 0.005), self._poll
+            )
+
+    def _poll(self) -> None:
+        self._poll_timer = None
+        now = self._loop.time()
+        if self._accept(self.filter.poll(now), now):
+            self._spawn_flush()
+        self._arm_poll()
+
+    async def _flush(self) -> None:
+        """Write the buffer as one ``reply.delta``, then any guardrail events;
+        ordered by a lock."""
+        async with self._lock:
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+                self._flush_timer = None
+            if self._buffer:
+                text = "".join(self._buffer)
+                self._buffer.clear()
+                self._buffered = 0
+                await self.log.append(
+                    self.session_id, "reply.delta", {"reply_id": self.reply_id, "text": text}
+                )
+                self.sent.append(text)
+            actions, self._pending = self._pending, []
+            for action, rule in actions:
+                metrics.GUARDRAIL_ACTIONS.labels(action=action, rule=rule).inc()
+                await self.log.append(
+                    self.session_id,
+                    "reply.guardrail",
+                    {"reply_id": self.reply_id, "action": action, "rule": rule},
+                )
