@@ -1,7 +1,7 @@
 """``/dashboard``: the team's tasks, insights, states and summary.
 
 Tasks, insights and states are versioned: every change appends a version
-and history is never rewritten (see ``storage/repositories/dashboard.py``).
+and history is never rewritten (see ``storage/repositories/dashboard/``).
 
 Beyond PROTOCOL.md (additions, nothing changed):
 

@@ -20,60 +20,34 @@ Where the contract is silent:
 
 from __future__ import annotations
 
-import codecs
 import logging
-import os
-import re
-import unicodedata
-from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import quote
+from typing import Annotated
 
-import filetype
 from fastapi import APIRouter, Depends, Header, Query, Request
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, Response
 
 from chathub.auth import Principal
-from chathub.errors import BadRequest, ChathubError, Forbidden, NotFound
+from chathub.errors import Forbidden, NotFound
 from chathub.handlers.deps import PageDep, SessionDep, StateDep, Viewer, authenticate, bearer_token
+from chathub.handlers.file_meta import (
+    OCTET_STREAM,
+    content_disposition,
+    content_type_filter,
+    sniff_content_type,
+)
 from chathub.handlers.schemas import Out, Page, errors
+from chathub.handlers.upload_form import receive_upload
+from chathub.server.multipart import MultipartStream
 from chathub.server.state import AppState
-from chathub.storage.blobs import BlobStore, StagedBlob
 from chathub.storage.db import transaction
 from chathub.storage.repositories import audit
 from chathub.storage.repositories import files as repo
 from chathub.storage.repositories import sessions as sessions_repo
 
-if TYPE_CHECKING:
-    from python_multipart.multipart import MultipartCallbacks
-
 log = logging.getLogger("chathub.files")
 
 router = APIRouter(prefix="/files", tags=["files"])
-
-MAX_NAME_CHARS = 255
-DEFAULT_NAME = "upload"
-MAX_MIME_CHARS = 200  # the column's width
-OCTET_STREAM = "application/octet-stream"
-# After refusing an upload, read (and drop) at most this much more of the
-# body, so that a client still sending gets to read the error before the
-# connection closes.
-DRAIN_LIMIT = 1024 * 1024
-
-_TOKEN = r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}"
-_MIME = re.compile(rf"^{_TOKEN}/{_TOKEN}$")
-_MIME_PREFIX = re.compile(rf"^{_TOKEN}/\*?$")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-# Control, format (bidi overrides, zero-width) and line/paragraph separators:
-# invisible in a name, and some make one name look like another.
-_DROPPED_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
 
 
 class FileOut(Out):
@@ -86,272 +60,6 @@ class FileOut(Out):
     uploaded_by: str | None
     session_id: str | None
     created_at: datetime
-
-
-# --- pure helpers -----------------------------------------------------------
-
-
-def sanitize_name(raw: str | None) -> str:
-    """A display and download name: the last path component, without
-    control or invisible characters, at most ``MAX_NAME_CHARS`` characters
-    (keeping a short extension when cut)."""
-    name = unicodedata.normalize("NFC", raw or "")
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in name if unicodedata.category(ch) not in _DROPPED_CATEGORIES)
-    name = name.strip()
-    if name in ("", ".", ".."):
-        return DEFAULT_NAME
-    if len(name) > MAX_NAME_CHARS:
-        stem, ext = os.path.splitext(name)
-        if 0 < len(ext) <= 16:
-            name = stem[: MAX_NAME_CHARS - len(ext)].rstrip() + ext
-        else:
-            name = name[:MAX_NAME_CHARS]
-    return name
-
-
-def normalize_mime(value: str | None) -> str | None:
-    """``type/subtype`` in lower case without parameters, or None."""
-    if not value:
-        return None
-    mime = value.split(";", 1)[0].strip().lower()
-    return mime if len(mime) <= MAX_MIME_CHARS and _MIME.match(mime) else None
-
-
-def sniff_content_type(head: bytes, *, declared: str | None, truncated: bool) -> str:
-    """The stored type of a file whose first bytes are ``head``
-    (``truncated``: the file goes on past them)."""
-    kind = filetype.guess(head) if head else None
-    if kind is not None:
-        return str(kind.mime)
-    if declared is not None and declared != OCTET_STREAM:
-        return declared
-    if b"\x00" not in head:
-        try:
-            # A cut-off head may end inside a multi-byte character.
-            codecs.getincrementaldecoder("utf-8")().decode(head, final=not truncated)
-        except UnicodeDecodeError:
-            return OCTET_STREAM
-        return "text/plain"
-    return OCTET_STREAM
-
-
-def content_disposition(name: str) -> str:
-    """``attachment`` with an ASCII ``filename`` for old clients and the
-    exact name as ``filename*`` (RFC 6266, RFC 5987 encoding)."""
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    fallback = re.sub(r"[^A-Za-z0-9 !#$&+,.=@^_`~()\[\]{}-]", "_", ascii_name).strip() or "download"
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
-
-
-def _etag_matches(if_none_match: str, etag: str) -> bool:
-    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
-    return "*" in tags or etag in tags
-
-
-# --- streaming multipart ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FormPart:
-    name: str
-    filename: str | None
-    content_type: str | None
-
-
-class MultipartStream:
-    """A ``multipart/form-data`` body parsed as it arrives: parts in order,
-    each part's data as a stream. It holds at most the events of one network
-    chunk, never a whole part."""
-
-    def __init__(self, body: AsyncIterator[bytes], boundary: bytes) -> None:
-        self._body = body
-        self._events: deque[tuple[str, Any]] = deque()
-        self._complete = False
-        self._field = bytearray()
-        self._value = bytearray()
-        self._headers: dict[str, bytes] = {}
-        callbacks: MultipartCallbacks = {
-            "on_part_begin": self._on_part_begin,
-            "on_header_field": self._on_header_field,
-            "on_header_value": self._on_header_value,
-            "on_header_end": self._on_header_end,
-            "on_headers_finished": self._on_headers_finished,
-            "on_part_data": self._on_part_data,
-            "on_part_end": self._on_part_end,
-            "on_end": self._on_end,
-        }
-        try:
-            self._parser = MultipartParser(boundary, callbacks)
-        except FormParserError as exc:
-            raise BadRequest(f"invalid multipart boundary: {exc}") from exc
-
-    @classmethod
-    def from_request(cls, request: Request) -> MultipartStream:
-        value = request.headers.get("content-type", "")
-        mime, params = parse_options_header(value.encode("latin-1", "replace"))
-        boundary = params.get(b"boundary")
-        if mime != b"multipart/form-data" or not boundary:
-            raise BadRequest("the body must be multipart/form-data with a boundary")
-        return cls(request.stream(), boundary)
-
-    def _on_part_begin(self) -> None:
-        self._headers = {}
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._field += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        self._headers[self._field.decode("latin-1").lower()] = bytes(self._value)
-        self._field.clear()
-        self._value.clear()
-
-    def _on_headers_finished(self) -> None:
-        self._events.append(("part", self._headers))
-
-    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if end > start:
-            self._events.append(("data", data[start:end]))
-
-    def _on_part_end(self) -> None:
-        self._events.append(("end", None))
-
-    def _on_end(self) -> None:
-        self._complete = True
-
-    async def _next_event(self) -> tuple[str, Any]:
-        while not self._events:
-            if self._complete:
-                return ("eof", None)
-            try:
-                chunk = await anext(self._body)
-            except StopAsyncIteration:
-                raise BadRequest("the multipart body ended before its closing boundary") from None
-            try:
-                self._parser.write(chunk)
-            except FormParserError as exc:
-                raise BadRequest(f"malformed multipart body: {exc}") from exc
-        return self._events.popleft()
-
-    async def next_part(self) -> FormPart | None:
-        """The next part's headers, or None after the closing boundary.
-        Data of the previous part that was not read is skipped."""
-        while True:
-            kind, value = await self._next_event()
-            if kind == "part":
-                return _form_part(value)
-            if kind == "eof":
-                return None
-
-    async def part_data(self) -> AsyncIterator[bytes]:
-        """The current part's data, chunk by chunk, up to its end."""
-        while True:
-            kind, value = await self._next_event()
-            if kind == "data":
-                yield value
-            elif kind == "end":
-                return
-            else:
-                raise BadRequest("malformed multipart body")
-
-    async def read_part(self, *, limit: int) -> bytes:
-        """The current part's data, which must be at most ``limit`` bytes."""
-        out = bytearray()
-        async for chunk in self.part_data():
-            out += chunk
-            if len(out) > limit:
-                raise BadRequest(f"a form field is longer than {limit} bytes")
-        return bytes(out)
-
-    async def drain(self, *, limit: int) -> None:
-        """Read and drop up to ``limit`` more bytes of the raw body."""
-        seen = 0
-        try:
-            async for chunk in self._body:
-                seen += len(chunk)
-                if seen > limit:
-                    return
-        except (ClientDisconnect, HTTPException):
-            return
-
-
-def _form_part(headers: dict[str, bytes]) -> FormPart:
-    disposition, params = parse_options_header(headers.get("content-disposition", b""))
-    name = params.get(b"name")
-    if disposition != b"form-data" or name is None:
-        raise BadRequest("each multipart part needs 'Content-Disposition: form-data; name=...'")
-    filename = params.get(b"filename")
-    declared = headers.get("content-type")
-    return FormPart(
-        name=name.decode("utf-8", "replace"),
-        # Browsers send file names as raw UTF-8.
-        filename=None if filename is None else filename.decode("utf-8", "replace"),
-        content_type=None if declared is None else declared.decode("latin-1"),
-    )
-
-
-@dataclass
-class _Upload:
-    blob: StagedBlob
-    name: str
-    declared_content_type: str | None
-    session_id: str | None
-
-
-def _session_id_field(raw: bytes) -> str:
-    value = raw.decode("utf-8", "replace").strip().lower()
-    if not _UUID.match(value):
-        raise BadRequest("session_id must be a session id")
-    return value
-
-
-async def _receive_upload(form: MultipartStream, blobs: BlobStore, *, max_bytes: int) -> _Upload:
-    """Read the whole body: the file part into a staged blob, the other
-    fields into memory. On any error the staged blob is discarded."""
-    staged: StagedBlob | None = None
-    file_part: FormPart | None = None
-    session_id: str | None = None
-    seen_session_id = False
-    try:
-        while (part := await form.next_part()) is not None:
-            if part.name == "file":
-                if staged is not None:
-                    raise BadRequest("only one 'file' part is allowed")
-                staged = await blobs.stage(form.part_data(), max_bytes=max_bytes)
-                file_part = part
-            elif part.name == "session_id":
-                if seen_session_id:
-                    raise BadRequest("only one 'session_id' part is allowed")
-                seen_session_id = True
-                session_id = _session_id_field(await form.read_part(limit=64))
-            else:
-                raise BadRequest(
-                    f"unexpected form field {part.name[:64]!r}: only 'file' and 'session_id'"
-                )
-        if staged is None or file_part is None:
-            raise BadRequest("the multipart field 'file' is missing")
-    except ClientDisconnect:
-        if staged is not None:
-            staged.discard()
-        raise BadRequest("the client went away during the upload") from None
-    except ChathubError:
-        if staged is not None:
-            staged.discard()
-        await form.drain(limit=DRAIN_LIMIT)
-        raise
-    except BaseException:
-        if staged is not None:
-            staged.discard()
-        raise
-    return _Upload(
-        blob=staged,
-        name=sanitize_name(file_part.filename),
-        declared_content_type=normalize_mime(file_part.content_type),
-        session_id=session_id,
-    )
 
 
 # --- auth for the writing routes ---------------------------------------------
@@ -409,7 +117,7 @@ async def upload_file(
     optionally ``session_id``. The body is streamed to disk; a file over
     ``max_file_bytes`` is refused with 413 and leaves nothing behind."""
     form = MultipartStream.from_request(request)
-    upload = await _receive_upload(form, state.blobs, max_bytes=state.settings.max_file_bytes)
+    upload = await receive_upload(form, state.blobs, max_bytes=state.settings.max_file_bytes)
     info = upload.blob.info
     try:
         content_type = sniff_content_type(
@@ -464,16 +172,6 @@ async def upload_file(
     return FileOut.model_validate(row)
 
 
-def _content_type_filter(value: str) -> tuple[str | None, str | None]:
-    """``(exact, prefix)`` from the ``content_type`` query parameter."""
-    value = value.strip().lower()
-    if _MIME_PREFIX.match(value):
-        return None, value.removesuffix("*")
-    if _MIME.match(value):
-        return value, None
-    raise BadRequest("content_type must be a type like 'image/png' or a prefix like 'image/'")
-
-
 @router.get("", responses=errors())
 async def list_files(
     principal: Viewer,
@@ -487,7 +185,7 @@ async def list_files(
     q: Annotated[str | None, Query(max_length=200, description="name contains")] = None,
 ) -> Page[FileOut]:
     """The team's files, newest first."""
-    exact, prefix = _content_type_filter(content_type) if content_type else (None, None)
+    exact, prefix = content_type_filter(content_type) if content_type else (None, None)
     result = await repo.list_files(
         db,
         team_id=principal.team_id,
@@ -507,6 +205,11 @@ async def list_files(
 async def get_file(file_id: str, principal: Viewer, db: SessionDep) -> FileOut:
     row = await repo.get_file(db, team_id=principal.team_id, file_id=file_id)
     return FileOut.model_validate(row)
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 @router.get(

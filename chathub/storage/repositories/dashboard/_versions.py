@@ -1,0 +1,47 @@
+"""Writing one immutable version row: the insert that loses a race quietly
+(``ON CONFLICT DO NOTHING``), the stale-version error, and the retry bound."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chathub.errors import PreconditionFailed
+from chathub.storage.models import Base
+
+MAX_ATTEMPTS = 5
+
+_KEEP: Any = object()
+VersionRow = TypeVar("VersionRow", bound=Base)
+
+
+async def _insert_version(
+    db: AsyncSession, model: type[VersionRow], values: dict[str, Any], unique: tuple[str, ...]
+) -> VersionRow | None:
+    """Insert one version row; None, having written nothing, when another
+    writer already holds its ``unique`` key."""
+    dialect = db.get_bind().dialect.name
+    if dialect == "postgresql":
+        pg = pg_insert(model).values(**values).on_conflict_do_nothing(index_elements=unique)
+        return await db.scalar(pg.returning(model))
+    if dialect == "sqlite":
+        lite = sqlite_insert(model).values(**values).on_conflict_do_nothing(index_elements=unique)
+        return await db.scalar(lite.returning(model))
+    row = model(**values)
+    try:
+        async with db.begin_nested():
+            db.add(row)
+            await db.flush()
+    except IntegrityError:
+        return None
+    return row
+
+
+def _stale(what: str, current: int, expected: int) -> PreconditionFailed:
+    return PreconditionFailed(
+        f"{what} is at version {current}, not {expected}", current_version=current
+    )
