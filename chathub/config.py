@@ -48,7 +48,6 @@ class Settings(BaseSettings):
     ws_auth_timeout_s: float = 10.0
     ws_heartbeat_s: float = 20.0
     ws_send_queue: int = 1024
-    ws_max_connections_per_user: int = 0
 
     # Replies
     coalesce_ms: float = 30.0

@@ -784,6 +784,11 @@ class Replies:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # A reply cancelled before its task ever ran has not ended yet.
+        for run in list(self.runs.values()):
+            failure = ProviderError("the server stopped while replying", retryable=True)
+            failure.code = "interrupted"
+            await self._finish(run, failure)
 
 
 def _step_system(run: ReplyRun, step_prompt: str) -> str:

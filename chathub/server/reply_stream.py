@@ -50,6 +50,7 @@ class DeltaWriter:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._poll_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._last_write: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
 
     @property
@@ -78,8 +79,8 @@ class DeltaWriter:
             except RuntimeError:  # already flushed
                 out = FilterOutput()
             self._accept(out, self._loop.time())
-        for task in list(self._tasks):
-            await task
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._flush()
 
     def _accept(self, out: FilterOutput, now: float) -> bool:
@@ -131,10 +132,19 @@ class DeltaWriter:
             self._spawn_flush()
         self._arm_poll()
 
+    async def _append_delta(self, text: str) -> None:
+        await self.log.append(
+            self.session_id, "reply.delta", {"reply_id": self.reply_id, "text": text}
+        )
+        self.sent.append(text)
+
     async def _flush(self) -> None:
         """Write the buffer as one ``reply.delta``, then any guardrail events;
         ordered by a lock."""
         async with self._lock:
+            if self._last_write is not None and not self._last_write.done():
+                # A write cut off by a cancel goes first: deltas stay in order.
+                await asyncio.shield(self._last_write)
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
                 self._flush_timer = None
@@ -142,10 +152,12 @@ class DeltaWriter:
                 text = "".join(self._buffer)
                 self._buffer.clear()
                 self._buffered = 0
-                await self.log.append(
-                    self.session_id, "reply.delta", {"reply_id": self.reply_id, "text": text}
-                )
-                self.sent.append(text)
+                # Shielded: a cancel arriving mid-append must not lose track
+                # of text the log may already hold.
+                write = self._last_write = self._loop.create_task(self._append_delta(text))
+                self._tasks.add(write)
+                write.add_done_callback(self._tasks.discard)
+                await asyncio.shield(write)
             actions, self._pending = self._pending, []
             for action, rule in actions:
                 metrics.GUARDRAIL_ACTIONS.labels(action=action, rule=rule).inc()
