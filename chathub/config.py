@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     ws_auth_timeout_s: float = 10.0
     ws_heartbeat_s: float = 20.0
     ws_send_queue: int = 1024
+    # permessage-deflate costs more CPU than it saves on small token frames.
+    ws_compression: bool = False
 
     # Replies
     coalesce_ms: float = 30.0

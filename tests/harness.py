@@ -107,6 +107,7 @@ async def start_server(settings: Settings, *, migrate: bool = True) -> RunningSe
         log_level="warning",
         lifespan="on",
         ws_max_size=settings.ws_max_frame_bytes,
+        ws_per_message_deflate=settings.ws_compression,
         ws_ping_interval=None,
     )
     server = uvicorn.Server(config)

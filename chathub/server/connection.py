@@ -124,10 +124,11 @@ class Connection:
             while True:
                 await self._ready.wait()
                 self._ready.clear()
+                sent = 0
                 while self._queue:
-                    frame = self._queue.popleft()
-                    await ws.send_text(frame)
-                    metrics.FRAMES_OUT.inc()
+                    await ws.send_text(self._queue.popleft())
+                    sent += 1
+                metrics.FRAMES_OUT.inc(sent)
                 self._drained.set()
         except asyncio.CancelledError:
             raise

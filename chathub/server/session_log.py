@@ -91,6 +91,7 @@ class MemorySessionLog:
         self.ttl_s = ttl_s
         self._windows: OrderedDict[str, _Window] = OrderedDict()
         self._listeners: list[Listener] = []
+        self._expired_at = 0.0
 
     def _window(self, session_id: str) -> _Window:
         window = self._windows.get(session_id)
@@ -101,7 +102,10 @@ class MemorySessionLog:
         else:
             window.touched = now
             self._windows.move_to_end(session_id)
-        self._expire(now)
+        # Not on every append (a hot path): a few times per TTL is enough.
+        if now - self._expired_at >= min(1.0, self.ttl_s / 4):
+            self._expired_at = now
+            self._expire(now)
         return window
 
     def _expire(self, now: float) -> None:

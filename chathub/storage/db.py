@@ -18,7 +18,13 @@ from sqlalchemy.ext.asyncio import (
 def create_engine(url: str) -> AsyncEngine:
     """An engine for ``postgresql+asyncpg://`` or ``sqlite+aiosqlite://``."""
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        # One connection: SQLite has one writer anyway, and waiters queued on
+        # the pool are woken at once, where SQLite's own busy handler would
+        # sleep up to 100 ms between retries. (So no code path may hold a
+        # session while waiting for another: it would wait for the pool.)
+        engine = create_async_engine(
+            url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0, pool_timeout=60
+        )
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
