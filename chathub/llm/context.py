@@ -10,17 +10,23 @@ the newest user turn itself is cut.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from chathub.llm.base import (
     ChatTurn,
     CompletionRequest,
+    LLMProvider,
+    ProviderError,
     Role,
+    TokenCounter,
     estimate_request_tokens,
     estimate_tokens,
 )
 from chathub.llm.modes import Mode
+
+log = logging.getLogger("chathub.context")
 
 Counter = Callable[[CompletionRequest], Awaitable[int]]
 TURN_OVERHEAD = 4  # role markers and separators per turn, in tokens
@@ -53,6 +59,26 @@ class BuiltPrompt:
 
 async def estimate_counter(request: CompletionRequest) -> int:
     return estimate_request_tokens(request) + TURN_OVERHEAD * len(request.turns)
+
+
+def provider_counter(provider: LLMProvider) -> Counter:
+    """The provider's own token count where it has one, else the estimate."""
+
+    async def count(request: CompletionRequest) -> int:
+        if isinstance(provider, TokenCounter):
+            try:
+                return await provider.count_tokens(request)
+            except ProviderError as exc:
+                log.warning("token count failed (%s); using the estimate", exc.code)
+        return await estimate_counter(request)
+
+    return count
+
+
+def provider_window(provider: LLMProvider) -> int | None:
+    """The model's context window where the provider knows it (llama.cpp's n_ctx)."""
+    window = getattr(provider, "n_ctx", None) or getattr(provider, "context_window", None)
+    return window if isinstance(window, int) else None
 
 
 def input_budget(mode: Mode, window: int | None) -> int:

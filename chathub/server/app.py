@@ -23,6 +23,7 @@ from chathub.server.leases import create_leases
 from chathub.server.limits import MULTIPART_OVERHEAD, BodyLimit
 from chathub.server.metrics import HttpMetrics
 from chathub.server.ratelimit import create_rate_limiter
+from chathub.server.reaper import ReplyReaper
 from chathub.server.replies import Replies
 from chathub.server.session_log import create_session_log
 from chathub.server.state import AppState
@@ -90,11 +91,20 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
             extractor=extractor,
         )
         app.state.chathub = state
-        state.replies.start()
+        reaper = ReplyReaper(
+            settings=settings,
+            sessionmaker=sessionmaker,
+            session_log=session_log,
+            leases=leases,
+            is_local=state.replies.runs.__contains__,
+        )
+        reaper.start()
         try:
             yield {"chathub": state}
         finally:
+            await reaper.close()
             await state.replies.close()
+            await state.replies.summarizer.close()
             await extractor.close()
             await hub.close()
             state.dashboards.close()

@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -43,7 +42,6 @@ from chathub.llm.base import (
     StreamEvent,
     StructuredOutput,
     TextDelta,
-    TokenCounter,
     Usage,
     estimate_tokens,
 )
@@ -52,8 +50,8 @@ from chathub.llm.context import (
     FileExcerpt,
     HistoryItem,
     build_prompt,
-    estimate_counter,
-    summary_prompt,
+    provider_counter,
+    provider_window,
 )
 from chathub.llm.guardrails import check_input
 from chathub.llm.modes import Mode, mode_policy
@@ -65,9 +63,9 @@ from chathub.server.leases import MemoryReplyLeases, ReplyLeases
 from chathub.server.ratelimit import MemoryRateLimiter, RateLimiter, retry_after
 from chathub.server.reply_stream import DeltaWriter
 from chathub.server.session_log import SessionLog
+from chathub.server.summarizer import HISTORY_LIMIT, SessionSummarizer
 from chathub.storage.blobs import BlobStore
 from chathub.storage.db import transaction
-from chathub.storage.models import utcnow
 from chathub.storage.repositories import files as files_repo
 from chathub.storage.repositories import modes as modes_repo
 from chathub.storage.repositories import sessions as repo
@@ -77,9 +75,6 @@ from chathub.wire import message_view
 log = logging.getLogger("chathub.replies")
 
 CANCEL_CHANNEL = "reply.cancel"
-HISTORY_LIMIT = 400
-SUMMARY_KEEP_NEWEST = 6
-"""The newest messages after the summary that a prompt is built from."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +130,6 @@ class Replies:
         self.settings = settings
         self.leases: ReplyLeases = leases or MemoryReplyLeases()
         self.instance_id = new_id()
-        self._reaper: asyncio.Task[None] | None = None
         self.limiter: RateLimiter = limiter or MemoryRateLimiter()
         self.blobs = blobs
         self.extractor = extractor
@@ -148,10 +142,11 @@ class Replies:
         self._locks: dict[str, asyncio.Lock] = {}
         self._unsubscribe = bus.subscribe(CANCEL_CHANNEL, self._on_cancel_message)
         self._closing = False
-        self._summarising: dict[str, asyncio.Task[None]] = {}
-        # The model's context window where the provider knows it (llama.cpp's n_ctx).
-        window = getattr(provider, "n_ctx", None) or getattr(provider, "context_window", None)
-        self.window: int | None = window if isinstance(window, int) else None
+        self.window = provider_window(provider)
+        self.count = provider_counter(provider)
+        self.summarizer = SessionSummarizer(
+            sessionmaker=sessionmaker, provider=provider, count=self.count, window=self.window
+        )
 
     # -- sending -----------------------------------------------------------
 
@@ -516,7 +511,9 @@ class Replies:
             self.runs.pop(run.reply_id, None)
             await self._release(run)
             run.done.set()
-            self._schedule_summary(run)
+            if run.dropped > 0 and not self._closing:
+                # Older turns no longer fit the prompt: fold them into the summary.
+                self.summarizer.schedule(run.team_id, run.session_id)
             if (
                 failure is None
                 and self.extractor is not None
@@ -551,7 +548,7 @@ class Replies:
             summary=run.summary,
             files=excerpts,
             window=self.window,
-            count=self.count_tokens,
+            count=self.count,
         )
         run.dropped = built.dropped
         request = built.request
@@ -604,68 +601,6 @@ class Replies:
                 with contextlib.suppress(Exception):
                     await aclose()
 
-    async def count_tokens(self, request: CompletionRequest) -> int:
-        """The provider's own count where it has one, else the estimate."""
-        if isinstance(self.provider, TokenCounter):
-            try:
-                return await self.provider.count_tokens(request)
-            except ProviderError as exc:
-                log.warning("token count failed (%s); using the estimate", exc.code)
-        return await estimate_counter(request)
-
-    # -- summaries ---------------------------------------------------------
-
-    def _schedule_summary(self, run: ReplyRun) -> None:
-        """Older turns no longer fit: refresh the session's rolling summary in
-        the background (one refresh per session at a time)."""
-        if run.dropped <= 0 or self._closing or run.session_id in self._summarising:
-            return
-        task = asyncio.create_task(self._refresh_summary(run.team_id, run.session_id))
-        self._summarising[run.session_id] = task
-        task.add_done_callback(lambda _t: self._summarising.pop(run.session_id, None))
-
-    async def _refresh_summary(self, team_id: str, session_id: str) -> None:
-        try:
-            async with self.sessionmaker() as db:
-                previous = await summaries.latest(db, session_id=session_id)
-                rows = await summaries.history_after(
-                    db,
-                    session_id=session_id,
-                    after_id=previous.covers_until if previous else None,
-                    limit=HISTORY_LIMIT + SUMMARY_KEEP_NEWEST,
-                    newest=False,
-                )
-            # Summarise what the last prompt could not hold: all but the
-            # newest turns, as much of it as one summary request can take.
-            older = [HistoryItem(m.role, m.content, m.id) for m in rows[:-SUMMARY_KEEP_NEWEST]]
-            if not older:
-                return
-            budget = (self.window or 8192) - 1024
-            picked: list[HistoryItem] = []
-            for item in older:
-                request = summary_prompt(previous.text if previous else None, [*picked, item])
-                if picked and await self.count_tokens(request) > budget:
-                    break
-                picked.append(item)
-            request = summary_prompt(previous.text if previous else None, picked)
-            parts: list[str] = []
-            async for event in stream_with_retry(self.provider, request):
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-            text = "".join(parts).strip()
-            if not text:
-                return
-            async with transaction(self.sessionmaker) as db:
-                await summaries.add(
-                    db,
-                    team_id=team_id,
-                    session_id=session_id,
-                    text=text,
-                    covers_until=picked[-1].id,
-                )
-        except Exception:
-            log.exception("summary refresh of session %s failed", session_id)
-
     # -- lifecycle ---------------------------------------------------------
 
     async def wait(self, reply_id: str) -> None:
@@ -673,111 +608,10 @@ class Replies:
         if run is not None:
             await run.done.wait()
 
-    # -- the reaper --------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the reaper: it ends replies whose instance died."""
-        self._reaper = asyncio.create_task(self._reap_forever(), name="reply-reaper")
-
-    async def _reap_forever(self) -> None:
-        period = max(0.2, self.settings.lease_ttl_s / 2)
-        sweep_every = 30
-        rounds = 0
-        embedded_start = isinstance(self.leases, MemoryReplyLeases)
-        while True:
-            try:
-                if embedded_start:
-                    # One process: every reply still streaming in the database
-                    # at start-up belonged to a previous run of this process.
-                    await self.sweep(started_before=None)
-                    embedded_start = False
-                await self.reap_once()
-                rounds += 1
-                if rounds % sweep_every == 0:
-                    await self.sweep(
-                        started_before=utcnow()
-                        - timedelta(seconds=self.settings.reply_timeout_s + 60)
-                    )
-            except Exception:
-                log.exception("reaper round failed")
-            await asyncio.sleep(period)
-
-    async def reap_once(self) -> int:
-        """End every reply whose lease expired (its instance died); each is
-        claimed by exactly one instance. Returns how many this one ended."""
-        ended = 0
-        for expired in await self.leases.expired():
-            if expired.reply_id in self.runs:
-                continue  # ours and alive: its renewal is only late
-            claimed = await self.leases.claim_expired(expired.reply_id)
-            if claimed and await self._end_interrupted(expired.reply_id):
-                ended += 1
-        return ended
-
-    async def sweep(self, *, started_before: datetime | None) -> int:
-        """End replies left streaming with no lease at all (lost with the bus
-        state, or from before a restart of the embedded server)."""
-        async with self.sessionmaker() as db:
-            rows = await repo.unfinished_replies(db, started_before=started_before)
-        ended = 0
-        for row in rows:
-            if row.id not in self.runs and await self._end_interrupted(row.id):
-                ended += 1
-        return ended
-
-    async def _end_interrupted(self, reply_id: str) -> bool:
-        """``reply.failed`` / ``interrupted`` with the partial text the session
-        log still holds; never restarts the reply."""
-        async with self.sessionmaker() as db:
-            row = await repo.reply_by_id(db, reply_id=reply_id)
-        if row is None or row.status != "streaming":
-            return False
-        events = await self.log.read_after(row.session_id, 0) or []
-        partial = "".join(
-            str(data.get("text", ""))
-            for data in (e.data() for e in events if e.type == "reply.delta")
-            if data.get("reply_id") == reply_id
-        )
-        async with transaction(self.sessionmaker) as db:
-            finished = await repo.finish_reply_message(
-                db,
-                message_id=reply_id,
-                content=partial,
-                status="failed",
-                stop_reason="error",
-                usage=None,
-            )
-            stored = await repo.get_message(db, team_id=row.team_id, message_id=reply_id)
-            view = message_view(stored)
-        if not finished:
-            return False
-        event = await self.log.append(
-            row.session_id,
-            "reply.failed",
-            {
-                "reply_id": reply_id,
-                "code": "interrupted",
-                "message": "the server generating this reply stopped",
-                "retryable": True,
-                "partial": view,
-            },
-        )
-        metrics.REPLIES.labels(stop_reason="interrupted").inc()
-        async with transaction(self.sessionmaker) as db:
-            await repo.set_last_seq(db, session_id=row.session_id, seq=event.seq)
-        log.warning("reply %s ended as interrupted", reply_id)
-        return True
-
     async def close(self) -> None:
         """End every local reply as ``interrupted``, storing its partial text."""
         self._closing = True
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
         self._unsubscribe()
-        for summarising in list(self._summarising.values()):
-            summarising.cancel()
         tasks = [run.task for run in self.runs.values() if run.task is not None]
         for task in tasks:
             task.cancel()
