@@ -169,9 +169,11 @@ async def _serve(websocket: WebSocket, state: AppState, conn: Connection) -> Non
                 conn.send(encode(exc.frame(request_id)))
                 continue
             if request_id is not None:
-                replies[0]["id"] = request_id
+                direct = replies[0]
+                assert isinstance(direct, dict)  # the direct answer is built here
+                direct["id"] = request_id
             for reply in replies:
-                conn.send(encode(reply))
+                conn.send(reply if isinstance(reply, str) else encode(reply))
     finally:
         heartbeat.cancel()
         finished.cancel()
@@ -186,7 +188,7 @@ async def _heartbeat(conn: Connection, every_s: float) -> None:
         conn.send(frame)
 
 
-async def _handle(state: AppState, conn: Connection, frame: Any) -> list[dict[str, Any]]:
+async def _handle(state: AppState, conn: Connection, frame: Any) -> list[dict[str, Any] | str]:
     """The frames that answer ``frame``: the direct answer first."""
     p = conn.principal
     if isinstance(frame, PingFrame):
@@ -230,9 +232,16 @@ async def _handle(state: AppState, conn: Connection, frame: Any) -> list[dict[st
         cancelling = await state.replies.cancel(p, frame.reply_id)
         return [{"type": "ack", "reply_id": frame.reply_id, "cancelling": cancelling}]
     if isinstance(frame, SubscribeFrame):
-        snapshot = await state.dashboards.snapshot(p.team_id)
+        # Subscribed first, so no update is missed while the snapshot is read;
+        # those held meanwhile follow it if they are newer.
         state.hub.subscribe_dashboard(conn)
-        return [{"type": "ack", "channel": frame.channel}, snapshot]
+        try:
+            snapshot = await state.dashboards.snapshot(p.team_id)
+        except BaseException:
+            state.hub.unsubscribe_dashboard(conn)
+            raise
+        newer = state.hub.dashboard_ready(conn, snapshot["version"])
+        return [{"type": "ack", "channel": frame.channel}, snapshot, *newer]
     if isinstance(frame, UnsubscribeFrame):
         state.hub.unsubscribe_dashboard(conn)
         return [{"type": "ack", "channel": frame.channel}]

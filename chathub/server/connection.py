@@ -67,6 +67,7 @@ class Connection:
         self.max_queue = max_queue
         self.sessions: dict[str, SessionCursor] = {}
         self.dashboard = False
+        self.dashboard_held: list[tuple[int, str]] | None = None
         self.closed = False
         self.close_code: int | None = None
         self._queue: deque[str] = deque()

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from chathub.server.bus import Bus
 from chathub.server.frames import encode
 from chathub.server.hub import Hub
+from chathub.storage.repositories import dashboard as repo
 
 CHANNEL = "dashboard"
 
@@ -24,8 +25,6 @@ class Dashboards:
         self._unsubscribe = bus.subscribe(CHANNEL, self._on_update)
 
     async def snapshot(self, team_id: str) -> dict[str, Any]:
-        from chathub.storage.repositories import dashboard as repo
-
         async with self.sessionmaker() as db:
             view = await repo.dashboard(db, team_id=team_id)
         return {"type": "dashboard.snapshot", **view.as_dict()}
@@ -36,8 +35,10 @@ class Dashboards:
 
     def _on_update(self, message: dict[str, Any]) -> None:
         team_id = message.pop("team_id", None)
-        if isinstance(team_id, str):
-            self.hub.send_dashboard(team_id, encode({"type": "dashboard.updated", **message}))
+        version = message.get("version")
+        if isinstance(team_id, str) and isinstance(version, int):
+            frame = encode({"type": "dashboard.updated", **message})
+            self.hub.send_dashboard(team_id, version, frame)
 
     def close(self) -> None:
         self._unsubscribe()

@@ -133,8 +133,17 @@ class Hub:
     # -- dashboard ---------------------------------------------------------
 
     def subscribe_dashboard(self, conn: Connection) -> None:
+        """Subscribe, holding updates back until :meth:`dashboard_ready`
+        (the snapshot is read meanwhile, and must reach the client first)."""
         conn.dashboard = True
+        conn.dashboard_held = []
         self._by_team_dashboard[conn.principal.team_id].add(conn)
+
+    def dashboard_ready(self, conn: Connection, snapshot_version: int) -> list[str]:
+        """The held updates newer than the snapshot; live updates go straight
+        to the socket from now on."""
+        held, conn.dashboard_held = conn.dashboard_held or [], None
+        return [frame for version, frame in held if version > snapshot_version]
 
     def unsubscribe_dashboard(self, conn: Connection) -> None:
         conn.dashboard = False
@@ -144,9 +153,12 @@ class Hub:
             if not members:
                 del self._by_team_dashboard[conn.principal.team_id]
 
-    def send_dashboard(self, team_id: str, frame: str) -> None:
+    def send_dashboard(self, team_id: str, version: int, frame: str) -> None:
         for conn in tuple(self._by_team_dashboard.get(team_id, ())):
-            conn.send(frame)
+            if conn.dashboard_held is not None:
+                conn.dashboard_held.append((version, frame))
+            else:
+                conn.send(frame)
 
     # -- lifecycle ---------------------------------------------------------
 
