@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     redis_url: str | None = None
     llm: str = "local://"
+    # Further providers that modes may name in their ``provider`` field, as a
+    # JSON object of name to URL (the operator's choice: a team picks among
+    # them, it cannot point the server at a URL of its own).
+    llm_providers: dict[str, str] = Field(default_factory=dict)
 
     jwt_secret: SecretStr | None = None
     jwt_algorithm: Literal["HS256", "RS256"] = "HS256"

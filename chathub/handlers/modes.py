@@ -10,9 +10,10 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from chathub.errors import BadRequest, NotFound
-from chathub.handlers.deps import AdminUser, SessionDep, Viewer
+from chathub.handlers.deps import AdminUser, SessionDep, StateDep, Viewer
 from chathub.handlers.schemas import errors
 from chathub.llm.modes import Mode
+from chathub.server.state import AppState
 from chathub.storage.repositories import audit
 from chathub.storage.repositories import modes as repo
 
@@ -48,8 +49,15 @@ async def get_mode(name: str, principal: Viewer, db: SessionDep) -> ModeOut:
     raise NotFound("mode not found")
 
 
+def _check_provider(mode: Mode, state: AppState) -> None:
+    if mode.provider not in (None, "default", *state.settings.llm_providers):
+        known = ", ".join(["default", *state.settings.llm_providers])
+        raise BadRequest(f"provider: {mode.provider!r} is not one of this server's ({known})")
+
+
 @router.post("", status_code=201, responses=errors(403, 409))
-async def create_mode(body: Mode, principal: AdminUser, db: SessionDep) -> ModeOut:
+async def create_mode(body: Mode, principal: AdminUser, db: SessionDep, state: StateDep) -> ModeOut:
+    _check_provider(body, state)
     mode = await repo.create_mode(
         db, team_id=principal.team_id, mode=body, created_by=principal.member_id
     )
@@ -66,9 +74,12 @@ async def create_mode(body: Mode, principal: AdminUser, db: SessionDep) -> ModeO
 
 
 @router.put("/{name}", responses=errors(403, 404))
-async def replace_mode(name: str, body: Mode, principal: AdminUser, db: SessionDep) -> ModeOut:
+async def replace_mode(
+    name: str, body: Mode, principal: AdminUser, db: SessionDep, state: StateDep
+) -> ModeOut:
     if body.name != name:
         raise BadRequest("the body's name must match the path")
+    _check_provider(body, state)
     mode = await repo.replace_mode(db, team_id=principal.team_id, mode=body)
     await audit.record(
         db,

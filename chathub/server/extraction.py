@@ -60,9 +60,13 @@ class Extractor:
         self._last_seen: dict[str, str] = {}
         self._changes_since_summary: dict[str, int] = {}
         self._closed = False
+        self._providers: dict[str, LLMProvider] = {}
 
-    def schedule(self, team_id: str, session_id: str) -> None:
-        """Run extraction for the session ``debounce_s`` after the last call."""
+    def schedule(self, team_id: str, session_id: str, provider: LLMProvider | None = None) -> None:
+        """Run extraction for the session ``debounce_s`` after the last call,
+        with ``provider`` (the session's; default: the server's)."""
+        if provider is not None:
+            self._providers[session_id] = provider
         if self._closed:
             return
         timer = self._timers.pop(session_id, None)
@@ -101,7 +105,8 @@ class Extractor:
         sources = [Source(m.id, m.role, m.content) for m in rows if m.content]
         if not sources:
             return {}
-        result = await extract(self.provider, sources, today=dt.date.today())
+        provider = self._providers.pop(session_id, self.provider)
+        result = await extract(provider, sources, today=dt.date.today())
         self._last_seen[session_id] = sources[-1].id
         found = result.extraction
         if found.empty:

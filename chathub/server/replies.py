@@ -53,6 +53,7 @@ from chathub.llm.context import (
     provider_counter,
     provider_window,
 )
+from chathub.llm.factory import create_provider
 from chathub.llm.guardrails import check_input
 from chathub.llm.modes import Mode, mode_policy
 from chathub.llm.retry import call_with_retry, stream_with_retry
@@ -95,6 +96,7 @@ class ReplyRun:
     user_message_id: str
     mode: Mode
     model: str
+    provider: LLMProvider
     history: list[HistoryItem]
     summary: str | None
     files: list[tuple[str, str]]
@@ -137,6 +139,7 @@ class Replies:
         self.log = session_log
         self.bus = bus
         self.provider = provider
+        self._named: dict[str, LLMProvider] = {}
         self.runs: dict[str, ReplyRun] = {}
         self._by_session: dict[str, ReplyRun] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -268,7 +271,7 @@ class Replies:
                 session_id=session_id,
                 reply_to=user_message.id,
                 mode=mode.name,
-                model=self.provider.model,
+                model=self.provider_for(mode).model,
                 reply_id=reply_id,
             )
             last_seq = chat.last_seq
@@ -288,7 +291,8 @@ class Replies:
             team_id=principal.team_id,
             user_message_id=user_message.id,
             mode=mode,
-            model=self.provider.model,
+            model=self.provider_for(mode).model,
+            provider=self.provider_for(mode),
             history=items,
             summary=summary.text if summary else None,
             files=[(f.name, f.sha256) for f in attached if _is_text(f.content_type)],
@@ -318,6 +322,19 @@ class Replies:
         wait = retry_after(decisions)
         if wait is not None:
             raise RateLimited("too many messages; try again later", retry_after_s=wait)
+
+    def provider_for(self, mode: Mode) -> LLMProvider:
+        """The mode's provider: one of the operator's named providers
+        (``CHATHUB_LLM_PROVIDERS``), else the default one."""
+        if mode.provider is None or mode.provider == "default":
+            return self.provider
+        named = self._named.get(mode.provider)
+        if named is None:
+            url = self.settings.llm_providers.get(mode.provider)
+            if url is None:
+                raise BadRequest(f"mode {mode.name!r} names an unknown provider {mode.provider!r}")
+            named = self._named[mode.provider] = create_provider(url)
+        return named
 
     # -- cancelling --------------------------------------------------------
 
@@ -520,7 +537,7 @@ class Replies:
                 and run.mode.extraction
                 and not self._closing
             ):
-                self.extractor.schedule(run.team_id, run.session_id)
+                self.extractor.schedule(run.team_id, run.session_id, run.provider)
 
     async def _release(self, run: ReplyRun) -> None:
         """The session may take its next message, here and on every instance
@@ -547,13 +564,13 @@ class Replies:
             run.history,
             summary=run.summary,
             files=excerpts,
-            window=self.window,
-            count=self.count,
+            window=provider_window(run.provider),
+            count=provider_counter(run.provider),
         )
         run.dropped = built.dropped
         request = built.request
         if len(run.mode.flow) > 1:
-            provider = self.provider
+            provider = run.provider
             *structured, last = run.mode.flow
             if not isinstance(provider, StructuredOutput):
                 raise ProviderError("this provider cannot run reasoning flows", retryable=False)
@@ -581,7 +598,7 @@ class Replies:
         """Provider → output guardrail → coalescer → session log."""
         writer = run.writer
         assert writer is not None
-        stream: AsyncIterator[StreamEvent] = stream_with_retry(self.provider, request)
+        stream: AsyncIterator[StreamEvent] = stream_with_retry(run.provider, request)
         try:
             async for event in stream:
                 if isinstance(event, StreamEnd):
@@ -612,6 +629,9 @@ class Replies:
         """End every local reply as ``interrupted``, storing its partial text."""
         self._closing = True
         self._unsubscribe()
+        for named in self._named.values():
+            with contextlib.suppress(Exception):
+                await named.aclose()
         tasks = [run.task for run in self.runs.values() if run.task is not None]
         for task in tasks:
             task.cancel()

@@ -104,3 +104,37 @@ async def test_mode_and_attached_files_shape_the_request(wired: tuple[RunningSer
         assert "What is the code word?" in str(body["messages"][-1]["content"])
         history = (await client.get(f"/chat/sessions/{sid}/messages", headers=h)).json()["items"]
         assert [m["content"] for m in history if m["role"] == "user"] == ["What is the code word?"]
+
+
+async def test_a_mode_may_name_one_of_the_operators_providers(tmp_path: Path) -> None:
+    server = await start_server(
+        test_settings(
+            f"sqlite+aiosqlite:///{tmp_path / 'n.db'}",
+            tmp_path,
+            llm="scripted://?text=from+the+default",
+            llm_providers={"echo": "scripted://?text=from+echo"},
+        )
+    )
+    try:
+        team = await make_team(server.state)
+        h = team.owner.headers
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            mode = {"name": "echoing", "system_prompt": "x", "provider": "echo"}
+            assert (await client.post("/modes", json=mode, headers=h)).status_code == 201
+            rogue = {
+                "name": "rogue",
+                "system_prompt": "x",
+                "provider": "openai://x?base_url=http://10.0.0.1",
+            }
+            r = await client.post("/modes", json=rogue, headers=h)
+            assert r.status_code == 400 and "provider" in r.json()["detail"]
+            for mode_name, expected in (("echoing", "from echo"), ("chat", "from the default")):
+                sid = (
+                    await client.post("/chat/sessions", json={"mode": mode_name}, headers=h)
+                ).json()["id"]
+                r = await client.post(
+                    f"/chat/sessions/{sid}/messages", json={"content": "hi"}, headers=h
+                )
+                assert r.json()["reply"]["content"] == expected
+    finally:
+        await server.stop()
