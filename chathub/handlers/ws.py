@@ -10,12 +10,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter
+from redis.exceptions import RedisError
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chathub.auth import Principal
 from chathub.config import Settings
-from chathub.errors import BadRequest, ChathubError, Forbidden, Unauthorized
+from chathub.errors import BadRequest, ChathubError, Forbidden, Unauthorized, Unavailable
 from chathub.handlers.deps import authenticate, bearer_token
 from chathub.ids import new_id
 from chathub.server import metrics
@@ -45,6 +46,7 @@ log = logging.getLogger("chathub.ws")
 router = APIRouter()
 
 PROTOCOL_VERSION = 1
+BACKEND_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
 
 
 def origin_allowed(origin: str | None, host: str | None, settings: Settings) -> bool:
@@ -167,6 +169,13 @@ async def _serve(websocket: WebSocket, state: AppState, conn: Connection) -> Non
                 continue
             except ChathubError as exc:
                 conn.send(encode(exc.frame(request_id)))
+                continue
+            except BACKEND_ERRORS as exc:
+                # Redis (or the network to it) is down: refuse this frame and
+                # keep the socket; the client tries again when it is back.
+                log.warning("frame refused, a backing service failed: %r", exc)
+                unavailable = Unavailable("a backing service is unavailable; try again shortly")
+                conn.send(encode(unavailable.frame(request_id)))
                 continue
             if request_id is not None:
                 direct = replies[0]

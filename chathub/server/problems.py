@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -87,6 +88,11 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     return problem_response(error, headers=dict(exc.headers or {}))
 
 
+async def _backend_unavailable(_request: Request, exc: Exception) -> Response:
+    log.warning("request refused, Redis failed: %r", exc)
+    return problem_response(Unavailable("a backing service is unavailable; try again shortly"))
+
+
 async def _unhandled(_request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return problem_response(ChathubError("internal error"))
@@ -96,4 +102,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ChathubError, _chathub_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RedisError, _backend_unavailable)
     app.add_exception_handler(Exception, _unhandled)

@@ -86,7 +86,9 @@ class RedisRateLimiter:
     atomic script, against Redis's clock (so instances' clocks don't matter)."""
 
     def __init__(self, url: str, *, prefix: str = "chathub:rate:") -> None:
-        self._redis: Redis = Redis.from_url(url)
+        from chathub.server.redis_bus import redis_client
+
+        self._redis: Redis = redis_client(url)
         self._script = self._redis.register_script(_LUA)
         self.prefix = prefix
 

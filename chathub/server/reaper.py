@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from chathub.config import Settings
 from chathub.server import metrics
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
-from chathub.server.session_log import SessionLog
+from chathub.server.session_log import SessionLog, append_surely
 from chathub.storage.db import transaction
 from chathub.storage.models import utcnow
 from chathub.storage.repositories import sessions as repo
@@ -119,7 +119,8 @@ class ReplyReaper:
             view = message_view(stored)
         if not finished:
             return False
-        event = await self.log.append(
+        event = await append_surely(
+            self.log,
             row.session_id,
             "reply.failed",
             {

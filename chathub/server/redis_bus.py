@@ -45,19 +45,29 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, Timeo
 T = TypeVar("T")
 
 
+POOL_SIZE = 256
+POOL_WAIT_S = 5.0
+
+
 def redis_client(url: str, *, name: str | None = None) -> aioredis.Redis:
     """A client that fails fast and never retries by itself: a blindly
     retried script could run twice (an event appended twice), and a pub/sub
     connection quietly reconnected inside redis-py would hide the messages
-    lost meanwhile. Callers retry explicitly with :func:`retry_once`."""
-    client: aioredis.Redis = aioredis.Redis.from_url(
+    lost meanwhile. Callers retry explicitly with :func:`retry_once`.
+
+    Its pool blocks: past ``POOL_SIZE`` commands in flight (a burst of joins
+    after a deploy) a command waits up to ``POOL_WAIT_S`` for a connection
+    instead of failing at once, as redis-py's default pool (100) does."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=POOL_SIZE,
+        timeout=POOL_WAIT_S,
         retry=Retry(NoBackoff(), 0),
         socket_connect_timeout=2.0,
         socket_timeout=5.0,
         client_name=name,
     )
-    return client
+    return aioredis.Redis.from_pool(pool)
 
 
 async def retry_once(call: Callable[[bool], Awaitable[T]]) -> T:

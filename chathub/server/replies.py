@@ -63,7 +63,7 @@ from chathub.server.extraction import Extractor
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
 from chathub.server.ratelimit import MemoryRateLimiter, RateLimiter, retry_after
 from chathub.server.reply_stream import DeltaWriter
-from chathub.server.session_log import SessionLog
+from chathub.server.session_log import SessionLog, append_surely
 from chathub.server.summarizer import HISTORY_LIMIT, SessionSummarizer
 from chathub.storage.blobs import BlobStore
 from chathub.storage.db import transaction
@@ -491,7 +491,8 @@ class Replies:
                 log.warning("reply %s was already ended; not ending it again", run.reply_id)
                 return
             if failure is None:
-                event = await self.log.append(
+                event = await append_surely(
+                    self.log,
                     run.session_id,
                     "reply.completed",
                     {
@@ -502,7 +503,8 @@ class Replies:
                     },
                 )
             else:
-                event = await self.log.append(
+                event = await append_surely(
+                    self.log,
                     run.session_id,
                     "reply.failed",
                     {

@@ -12,6 +12,7 @@ the Redis one (``chathub.server.redis_log``), chosen by ``create_session_log``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
@@ -20,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
+from redis.exceptions import RedisError
 
 from chathub.config import Settings
 
-log = logging.getLogger("chathub.log")
+logger = logging.getLogger("chathub.log")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +130,7 @@ class MemorySessionLog:
             try:
                 listener(event)
             except Exception:
-                log.exception("session log listener failed")
+                logger.exception("session log listener failed")
         return event
 
     async def read_after(self, session_id: str, after_seq: int) -> list[Event] | None:
@@ -163,6 +165,27 @@ class MemorySessionLog:
 
     async def ready(self) -> bool:
         return True
+
+
+async def append_surely(
+    log: SessionLog, session_id: str, type: str, data: dict[str, Any], *, for_s: float = 30.0
+) -> Event:
+    """Append an event that must not be lost (the end of a reply, already
+    stored): while the log is unreachable (Redis restarting) try again, with
+    backoff, for up to ``for_s`` seconds. Without it, sockets would never hear
+    that the reply ended, and the session's stored ``last_seq`` would fall
+    behind the seqs its clients have seen."""
+    deadline = time.monotonic() + for_s
+    delay = 0.1
+    while True:
+        try:
+            return await log.append(session_id, type, data)
+        except (RedisError, OSError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("could not append %s (%s); retrying in %.1f s", type, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
 
 
 def create_session_log(settings: Settings) -> SessionLog:

@@ -23,13 +23,22 @@ covers ahead of it; a match that starts before the earliest open tail can
 therefore no longer change, whatever follows. That property is what lets
 :mod:`~chathub.llm.guardrails.holdback` release text early and still produce
 exactly the same result as a scan of the whole text.
+
+Every detector also says where its matches and tails may *begin*: where
+(``word_start``, ``leads``: by default only at a word start, a character that
+is not whitespace after one that is not an ASCII letter or digit) and with
+which character (``first``). The condition is put in front of ``pattern`` and
+``tail`` when the detector is made, so it holds by construction (for the
+built-in rules it only restates their own look-behinds and first characters);
+the streaming filter uses it to look only at word starts, and there only at
+the detectors that may begin with the character found.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from chathub.llm.guardrails.validators import (
     card_span,
@@ -86,8 +95,33 @@ def _whole(m: re.Match[str]) -> tuple[int, int] | None:
     return m.start(), m.end()
 
 
+#: A word start: not whitespace, and not right after an ASCII letter or digit.
+WORD_START = r"(?-i:(?<![A-Za-z0-9]))(?!\s)"
+
+
+def start_condition(word_start: bool, leads: str, first: str | None) -> str:
+    """A zero-width regex for where a detector's match or tail may begin: at a
+    word start (when ``word_start``) or at any of the characters ``leads``,
+    and at a character that ``first`` (a regex for one character) matches;
+    with the flags of the regex it is put in front of."""
+    parts = [WORD_START] if word_start else []
+    if leads:
+        parts.append("(?=[" + "".join(re.escape(ch) for ch in sorted(set(leads))) + "])")
+    where = "(?:" + "|".join(parts) + ")" if parts else "(?!)"
+    return where if first is None else f"{where}(?={first})"
+
+
+def _starting(pattern: re.Pattern[str], start: str) -> re.Pattern[str]:
+    return re.compile(f"{start}(?:{pattern.pattern})", pattern.flags)
+
+
 @dataclass(frozen=True, eq=False)
 class Detector:
+    """``pattern`` and ``tail`` may only match where ``word_start``,
+    ``leads`` and ``first`` allow (see :func:`start_condition`); the detector
+    puts that condition in front of both when it is made, and keeps it as
+    ``start`` (compiled with the flags of ``tail``)."""
+
     rule: str
     pattern: re.Pattern[str]
     tail: re.Pattern[str]
@@ -95,6 +129,21 @@ class Detector:
     evidence: re.Pattern[str] | None = None
     refine: Refiner | None = None
     commit: Committer | None = None
+    #: characters at which a match or tail may begin anywhere, not only at a word start
+    leads: str = ""
+    #: whether a match or tail may begin at a word start
+    word_start: bool = True
+    #: a regex for the first character of a match or tail (None: any)
+    first: str | None = None
+    start: re.Pattern[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        start = start_condition(self.word_start, self.leads, self.first)
+        if self.tail.flags != self.pattern.flags:
+            raise ValueError("pattern and tail must have the same flags")
+        object.__setattr__(self, "pattern", _starting(self.pattern, start))
+        object.__setattr__(self, "tail", _starting(self.tail, start))
+        object.__setattr__(self, "start", re.compile(start, self.tail.flags))
 
     def match_at(self, text: str, pos: int) -> Hit | None:
         """The valid match starting exactly at ``pos``, if any."""
@@ -172,27 +221,46 @@ def _trie(words: Iterable[Sequence[str]], start_guard: Callable[[str], str]) -> 
     return emit(root, True) if root else "(?!)"
 
 
+def _words(words: Iterable[Sequence[str]]) -> str:
+    """Exactly one of the token sequences, as one regex shaped like a trie (so
+    that a text fails at its first token, not once per sequence)."""
+    end = ""  # marks where a sequence ends
+    root: _Trie = {}
+    for toks in words:
+        node = root
+        for tok in toks:
+            node = node.setdefault(tok, {})
+        node[end] = {}
+
+    def emit(node: _Trie) -> str:
+        alts = [tok + emit(child) for tok, child in node.items() if tok != end]
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        if end in node:
+            return f"(?:{body})?" if alts else ""
+        return body
+
+    return emit(root) if root else "(?!)"
+
+
 # -- the built-in detectors -------------------------------------------------------
 
 _EMAIL_LOCAL = r"[A-Za-z0-9._%+\-]"
 _EMAIL_PATTERN = re.compile(
-    rf"(?<!{_EMAIL_LOCAL}){_EMAIL_LOCAL}{{1,64}}@"
+    # (a local part never gives back characters: none of them is an "@")
+    rf"(?<!{_EMAIL_LOCAL}){_EMAIL_LOCAL}{{1,64}}+@"
     # the first "x.tld" must come within 67 characters of the "@", so that a
     # candidate without one can be given up on after a bounded wait
     r"(?=[A-Za-z0-9.\-]{0,63}[A-Za-z0-9\-]\.[A-Za-z]{2})"
     r"[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
 )
-_EMAIL_TAIL = re.compile(rf"(?<!{_EMAIL_LOCAL}){_EMAIL_LOCAL}{{1,64}}(?:@[A-Za-z0-9.\-]*)?\Z")
-_EMAIL_LOOKAHEAD = 67
-
-
-def _email_open(text: str, i: int, endpos: int) -> bool:
-    # the tail matched text[i:endpos]: a local part, maybe "@" and a domain
-    at = text.find("@", i, endpos)
-    if at < 0 or endpos - at - 1 <= _EMAIL_LOOKAHEAD:
-        return True
-    # past the look-ahead window: open only while a match exists and may grow
-    return _EMAIL_PATTERN.match(text, i, endpos) is not None
+_EMAIL_TAIL = re.compile(
+    rf"(?<!{_EMAIL_LOCAL})(?:"
+    # a local part, maybe "@" and a domain within the look-ahead window
+    rf"{_EMAIL_LOCAL}{{1,64}}+(?:@[A-Za-z0-9.\-]{{0,67}}+)?\Z"
+    # past the window: open only while a match exists (and may grow)
+    rf"|(?={_EMAIL_PATTERN.pattern}){_EMAIL_LOCAL}{{1,64}}+@[A-Za-z0-9.\-]{{68,}}+\Z"
+    r")"
+)
 
 
 EMAIL = Detector(
@@ -200,8 +268,8 @@ EMAIL = Detector(
     _EMAIL_PATTERN,
     _EMAIL_TAIL,
     evidence=re.compile(rf"{_EMAIL_LOCAL}{{1,64}}@[A-Za-z0-9\-]"),
-    refine=_email_open,
     commit=lambda m: True,  # no right-hand look-ahead: more text only extends it
+    first=_EMAIL_LOCAL,
 )
 
 _NUM_START = r"(?<![A-Za-z0-9_+])(?<![0-9][ .\-])"
@@ -222,6 +290,7 @@ PHONE = Detector(
         r"\+[0-9](?:[ .\-()]{0,2}[0-9]){6}|\([0-9]{2,5}\)[ .\-]?[0-9]{3}"
         r"|(?=[0-9]{2,5}[ .\-][0-9])[0-9](?:[ .\-]?[0-9]){9}"
     ),
+    first=r"[+(0-9]",
 )
 
 _CARD_START = r"(?<![A-Za-z0-9_])(?<![0-9][ \-])"
@@ -231,6 +300,7 @@ CARD = Detector(
     re.compile(_CARD_START + r"[0-9](?:[ \-]?[0-9]){0,18}[ \-]?\Z"),
     validate=card_span,
     evidence=re.compile(r"[0-9](?:[ \-]?[0-9]){11}"),
+    first="[0-9]",
 )
 
 _WORD_START = r"(?<![A-Za-z0-9_])"
@@ -242,36 +312,42 @@ IBAN = Detector(
     ),
     validate=iban_span,
     evidence=re.compile(r"[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){8}"),
+    first="[A-Z]",
 )
 
 _TOKEN_START = r"(?<![A-Za-z0-9_\-])"
 
 
-def _prefixed_key(prefix_tail: str, pattern: str, evidence: str) -> Detector:
-    """A key with a fixed prefix and an open-ended body: once it matches, more
-    body characters only make it longer, so it can be committed early."""
+def _prefixed_key(first: str, prefix_tail: str, pattern: str, evidence: str) -> Detector:
+    """A key with a fixed prefix (beginning with ``first``) and an open-ended
+    body: once it matches, more body characters only make it longer, so it
+    can be committed early."""
     return Detector(
         "api_key",
         re.compile(_TOKEN_START + pattern),
         re.compile(_TOKEN_START + f"(?:{prefix_tail})" + r"\Z"),
         evidence=re.compile(evidence),
         commit=lambda m: True,
+        first=re.escape(first),
     )
 
 
 _B64 = r"[A-Za-z0-9_\-]"
 CHATHUB_KEY = _prefixed_key(
+    "c",
     _lit("chk_", r"[0-9a-f]{0,8}(?:_" + _B64 + "*)?"),
     r"chk_[0-9a-f]{8}_" + _B64 + "{20,}",
     r"chk_[0-9a-f]{4}",
 )
-SK_KEY = _prefixed_key(_lit("sk-", _B64 + "*"), r"sk-" + _B64 + "{20,}", r"sk-" + _B64 + "{8}")
+SK_KEY = _prefixed_key("s", _lit("sk-", _B64 + "*"), r"sk-" + _B64 + "{20,}", r"sk-" + _B64 + "{8}")
 GITHUB_TOKEN = _prefixed_key(
+    "g",
     _lit("gh") + r"|gh[pousr](?:_[A-Za-z0-9]*)?|" + _lit("github_pat_", r"[A-Za-z0-9_]*"),
     r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
     r"(?:gh[pousr]_[A-Za-z0-9]{8}|github_pat_[A-Za-z0-9_]{4})",
 )
 SLACK_TOKEN = _prefixed_key(
+    "x",
     _lit("xox") + r"|xox[abposr](?:-[A-Za-z0-9\-]*)?",
     r"xox[abposr]-[A-Za-z0-9\-]{10,}",
     r"xox[abposr]-[A-Za-z0-9\-]{4}",
@@ -281,6 +357,7 @@ AWS_KEY = Detector(
     re.compile(r"(?<![A-Za-z0-9])A[KS]IA[0-9A-Z]{16}(?![0-9A-Za-z])"),
     re.compile(r"(?<![A-Za-z0-9])A(?:[KS](?:I(?:A[0-9A-Z]{0,16})?)?)?\Z"),
     evidence=re.compile(r"A[KS]IA[0-9A-Z]{4}"),
+    first="A",
 )
 
 _LABELS = sorted(
@@ -300,7 +377,7 @@ _LABELS = sorted(
     | {"secret", "token", "password", "passwd", "pwd"},
     key=lambda s: (-len(s), s),
 )
-_LABEL = "(?:" + "|".join(re.escape(label) for label in _LABELS) + ")"
+_LABEL = _words([re.escape(ch) for ch in label] for label in _LABELS)
 _SECRET_CHARS = r"[A-Za-z0-9_\-./+=]"
 _ASSIGN = r"""["']?[ \t]{0,3}[:=][ \t]{0,3}["']?"""
 _GENERIC_TAIL = re.compile(
@@ -339,6 +416,7 @@ GENERIC_SECRET = Detector(
     ),
     refine=_generic_open,
     commit=lambda m: len(m.group("secret")) >= 32,
+    first="(?i:[" + "".join(sorted({label[0] for label in _LABELS})) + "])",
 )
 
 _PK_KIND = r"(?:[A-Z0-9]+ ){0,3}PRIVATE KEY-----"
@@ -359,7 +437,10 @@ PRIVATE_KEY = Detector(
     re.compile(r"-----BEGIN " + _PK_KIND + r"(?:.*?-----END " + _PK_KIND + r"|.*\Z)", re.S),
     re.compile(
         r"(?:"
-        + _lit("-----BEGIN ", r"[A-Z0-9 ]{0,40}-{0,5}")
+        # any beginning of a header: up to three words, then "PRIVATE KEY-----"
+        + _lit(
+            "-----BEGIN ", r"(?:[A-Z0-9]+ ){0,3}(?:" + _lit("PRIVATE KEY-----") + r"|[A-Z0-9]+)?"
+        )
         + r"|-----BEGIN "
         + _PK_KIND
         + r".*)\Z",
@@ -368,6 +449,9 @@ PRIVATE_KEY = Detector(
     evidence=re.compile(r"-----BEGIN "),
     refine=_private_key_open,
     commit=lambda m: True,
+    leads="-",
+    word_start=False,
+    first="-",
 )
 
 #: Built-in detectors per rule, in priority order (at one start position the
@@ -404,10 +488,21 @@ def blocklist_detector(phrases: Iterable[str]) -> Detector | None:
     def guard(tok: str) -> str:
         return r"(?<!\w)" if re.fullmatch(r"\w", tok.replace("\\", "")) else ""
 
+    # A phrase whose pattern and tail both begin with (?<!\w) starts at a word
+    # start; any other, at its first character (compared case-insensitively).
+    leads = "".join(
+        p[0] + p[0].lower()[0]
+        for p in cleaned
+        if not (re.match(r"\w", p[0]) and guard(tokens(p)[0]))
+    )
+    # a phrase begins with the first character of its first token (ch.lower())
+    firsts = {ch for p in cleaned for ch in (p[0], p[0].lower()[0])}
     return Detector(
         "blocklist",
         re.compile("|".join(bounded(p) for p in cleaned), re.I),
         re.compile("(?:" + _trie((tokens(p) for p in cleaned), guard) + r")\Z", re.I),
+        leads=leads,
+        first="[" + "".join(re.escape(ch) for ch in sorted(firsts)) + "]",
     )
 
 

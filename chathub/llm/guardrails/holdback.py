@@ -53,7 +53,11 @@ Guarantees
    caller stops the stream and sends ``policy.safe_message``.
 
 Cost: a ``feed`` looks at the held text and the new chunk only (the released
-text is dropped but for a few characters of look-behind context), with one
+text is dropped but for a few characters of look-behind context). A detector
+found open at the candidate is asked first whether it still is: while a word
+or a number grows, that one check is all (nothing is released). Otherwise only
+word starts are looked at (no detector's match or tail can begin elsewhere,
+see :func:`~chathub.llm.guardrails.detectors.start_condition`), each with one
 combined regex for "may anything start here" before asking each detector.
 """
 
@@ -76,6 +80,7 @@ _COMMIT_MIN = 6
 _TRAILING = frozenset(" \t\n.,;:!?-()'\"")
 #: Every committable match contains one of these.
 _COMMIT_HINT = re.compile(r"[@\-_:=]")
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +96,20 @@ class FilterOutput:
 
 
 _NOTHING = FilterOutput()
+# FilterOutput(text, actions, blocked), without the frozen dataclass's slower
+# __init__ (a FilterOutput is made for most tokens)
+_new = object.__new__
+_set_text = FilterOutput.__dict__["text"].__set__
+_set_actions = FilterOutput.__dict__["actions"].__set__
+_set_blocked = FilterOutput.__dict__["blocked"].__set__
+
+
+def _output(text: str, actions: tuple[tuple[str, str], ...], blocked: bool) -> FilterOutput:
+    out: FilterOutput = _new(FilterOutput)
+    _set_text(out, text)
+    _set_actions(out, actions)
+    _set_blocked(out, blocked)
+    return out
 
 
 def redact_all(text: str, policy: Policy) -> FilterOutput:
@@ -118,18 +137,74 @@ def _scoped(pattern: re.Pattern[str]) -> str:
     return f"(?{flags}:{pattern.pattern})" if flags else f"(?:{pattern.pattern})"
 
 
-@functools.lru_cache(maxsize=64)
-def _unions(detectors: tuple[Detector, ...]) -> tuple[re.Pattern[str], re.Pattern[str]]:
-    """One regex for "some pattern may match here" and one for "some tail may
-    be open here": cheap first looks before asking each detector."""
-    if not detectors:
-        never = re.compile("(?!)")
-        return never, never
+_NEVER = re.compile("(?!)")
+
+
+def _union(patterns: list[re.Pattern[str]]) -> re.Pattern[str]:
+    if not patterns:
+        return _NEVER
     # group names repeat across detectors, and the unions need none
-    strip = functools.partial(re.sub, r"\(\?P<\w+>", "(?:")
-    any_match = "|".join(strip(_scoped(d.pattern)) for d in detectors)
-    any_tail = "|".join(strip(_scoped(d.tail)) for d in detectors)
-    return re.compile(any_match), re.compile(any_tail)
+    return re.compile("|".join(re.sub(r"\(\?P<\w+>", "(?:", _scoped(p)) for p in patterns))
+
+
+#: What :meth:`_Tables.at` says about one position: the detectors that may
+#: begin there, in the order to ask which is open, and in priority order.
+_Starting = tuple[tuple[Detector, ...], tuple[Detector, ...]]
+#: The group a probe (see _Tables) sets when the tail matched (its only group).
+_TAIL = "tail_"
+
+
+class _Tables:
+    """What the filters of one detector list share: which detectors may begin
+    where, and regexes to ask them."""
+
+    def __init__(self, detectors: tuple[Detector, ...]) -> None:
+        self.detectors = detectors
+        # which detector is open is checked most often for words and numbers
+        self.open_order = tuple(sorted(detectors, key=lambda d: d.rule not in ("email", "phone")))
+        self.rank = {d: k for k, d in enumerate(detectors)}
+        #: some pattern may match here
+        self.any_match = _union([d.pattern for d in detectors])
+        #: Per detector, its tail (setting the group _TAIL) or else its
+        #: pattern: one look for "open here?" and "a match here?".
+        strip = functools.partial(re.sub, r"\(\?P<\w+>", "(?:")
+        self.probe = {
+            d: re.compile(
+                f"(?:{strip(d.tail.pattern)})(?P<{_TAIL}>)|(?:{strip(d.pattern.pattern)})",
+                d.tail.flags,
+            )
+            for d in detectors
+        }
+        #: Where some detector's match or tail may begin, besides the position
+        #: a search begins at: at each character this finds and right after
+        #: it. That is every word start, and every lead unless one is an ASCII
+        #: letter or digit (then this finds every character).
+        alnum = [chr(c) for c in range(128) if chr(c).isalnum()]
+        if any(d.start.match("a" + ch, 1) for d in detectors for ch in alnum):
+            self.starts = re.compile(r"(?s:.)")
+        else:
+            self.starts = re.compile(r"[^A-Za-z0-9]")
+        self.starting: dict[str, _Starting] = {}
+        #: characters at which nothing begins, wherever they are
+        self.inert = frozenset(ch for ch in " \n\t" if not self.at(ch)[0])
+
+    def at(self, key: str) -> _Starting:
+        """The detectors whose match or tail may begin at the last character
+        of ``key``, which holds the character before it too (if any): a start
+        condition reads no more than those two characters."""
+        found = self.starting.get(key)
+        if found is None:
+            i = len(key) - 1
+            dets = tuple(d for d in self.open_order if d.start.match(key, i))
+            found = dets, tuple(d for d in self.detectors if d in dets)
+            if len(self.starting) < 8192:  # bounded, whatever the text
+                self.starting[key] = found
+        return found
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(detectors: tuple[Detector, ...]) -> _Tables:
+    return _Tables(detectors)
 
 
 class HoldbackFilter:
@@ -154,10 +229,11 @@ class HoldbackFilter:
         self.policy = policy
         self.holdback_chars = holdback_chars
         self.holdback_ms = holdback_ms
+        self._timed = holdback_ms != math.inf
         self._dets = policy.detectors
-        self._any_match, self._any_tail = _unions(self._dets)
-        # which detector is open is checked most often for words and numbers
-        self._open_order = sorted(self._dets, key=lambda d: d.rule not in ("email", "phone"))
+        self._tables = tables = _tables(self._dets)
+        self._probe = tables.probe
+        self._starting = tables.starting
         # _text = up to _CONTEXT released characters, then the unreleased text
         self._text = ""
         self._offset = 0  # absolute position of _text[0]
@@ -171,6 +247,19 @@ class HoldbackFilter:
         self._actions: list[tuple[str, str]] = []
         self._blocked = False
         self._finished = False
+        # The detector last found open, and where (absolute; -1: nowhere): the
+        # first asked whether it still is, which usually settles the question.
+        # _open_dets: the detectors that may begin there (None: not known).
+        self._open_det: Detector | None = None
+        self._open_abs = -1
+        self._open_dets: tuple[Detector, ...] | None = None
+        # when the chunk holding absolute position _since_abs arrived
+        self._since_abs = -1
+        self._since = math.inf
+        # the text from absolute _hint_base (the candidate) to _hint_clear holds
+        # no character of _COMMIT_HINT
+        self._hint_base = -1
+        self._hint_clear = 0
 
     @property
     def blocked(self) -> bool:
@@ -181,7 +270,9 @@ class HoldbackFilter:
         """Characters received but neither sent nor covered by a replacement."""
         if self._commit is not None:
             return 0
-        return max(0, len(self._text) - max(self._pos, self._hidden))
+        pos, hidden = self._pos, self._hidden
+        held = len(self._text) - (pos if pos > hidden else hidden)
+        return held if held > 0 else 0
 
     def feed(self, chunk: str, now: float) -> FilterOutput:
         if self._finished:
@@ -189,12 +280,56 @@ class HoldbackFilter:
         if self._blocked:
             return FilterOutput(blocked=True)
         if chunk:
-            if self.holdback_ms != math.inf:
-                self._arrivals.append((self._offset + len(self._text), now))
-            self._text += chunk
-            self._advance(final=False)
-        self._enforce_limits(now)
-        return self._take()
+            text, offset = self._text, self._offset
+            if self._timed:
+                self._arrivals.append((offset + len(text), now))
+            self._text = text = text + chunk
+            pos = self._pos
+            det = self._open_det
+            if self._commit is not None:
+                self._advance(final=False)
+            elif det is None or self._open_abs != offset + pos:
+                self._release(None, None)
+            elif (m := self._probe[det].match(text, pos)) is None:
+                self._release(det, False)  # neither open nor a match at _pos
+            elif m.lastindex is None:  # not the tail: a match at _pos, no longer open
+                self._release(det, True)
+            elif det.refine is not None and not det.refine(text, pos, len(text)):
+                self._release(det, None)
+            else:
+                # The candidate at _pos is still open, so it is still the
+                # earliest one: nothing to release, and nothing to trim since
+                # _pos did not move. _try_commit, unless the chunk cannot
+                # change what it decides:
+                n = len(text)
+                if n - pos >= _COMMIT_MIN and pos >= self._hidden:
+                    if (
+                        self._hint_base == offset + pos
+                        and self._hint_clear == offset + n - len(chunk)
+                        and chunk.isalnum()  # so holds no character of _COMMIT_HINT
+                    ):
+                        self._hint_clear = offset + n
+                    else:
+                        self._try_commit()
+        # _enforce_limits(now), with the usual case (no limit reached) inline
+        if self._commit is None and not self._blocked:
+            pos, hidden = self._pos, self._hidden
+            start = pos if pos > hidden else hidden
+            held = len(self._text) - start
+            if held > 0:
+                if held > self.holdback_chars:
+                    self._force_early()
+                elif self._timed:
+                    absolute = self._offset + start
+                    if absolute != self._since_abs:  # else _arrival(absolute) is _since
+                        self._since = self._arrival(absolute)
+                        self._since_abs = absolute
+                    if not (now - self._since) * 1000.0 < self.holdback_ms:
+                        self._force_early()
+        out = self._out
+        if out or self._actions or self._blocked:
+            return self._take()
+        return _NOTHING
 
     def poll(self, now: float) -> FilterOutput:
         """Time-based release when no chunk arrives (see guarantee 3.)."""
@@ -215,12 +350,16 @@ class HoldbackFilter:
     # -- internals ----------------------------------------------------------------
 
     def _take(self) -> FilterOutput:
-        if not self._out and not self._actions and not self._blocked:
+        out, actions = self._out, self._actions
+        if not out and not actions and not self._blocked:
             return _NOTHING
-        out = FilterOutput("".join(self._out), tuple(self._actions), self._blocked)
-        self._out.clear()
-        self._actions.clear()
-        return out
+        taken: FilterOutput = _new(FilterOutput)  # _output(...), inline
+        _set_text(taken, out[0] if len(out) == 1 else "".join(out))
+        _set_actions(taken, tuple(actions) if actions else ())
+        _set_blocked(taken, self._blocked)
+        out.clear()
+        actions.clear()
+        return taken
 
     def _advance(self, *, final: bool) -> None:
         if self._commit is not None:
@@ -236,48 +375,170 @@ class HoldbackFilter:
                 covered = self._pos + 1 if hit is None else hit.end
             self._hidden = max(self._hidden, covered)
             self._commit = None
-        self._settle(final)
-        if not final and not self._blocked:
-            self._try_commit()
+        if not final:
+            self._release(None, None)
+            return
+        # the end: release everything
+        end = len(self._text)
+        m = self._tables.any_match.search(self._text, self._pos) if end > self._pos else None
+        self._release_to(end, m is not None and m.start() < end)
         self._trim()
 
-    def _settle(self, final: bool) -> None:
-        """Release everything before the earliest open candidate."""
+    def _release(self, tried: Detector | None, tried_match: bool | None) -> None:
+        """Release everything before the earliest open candidate. ``tried``:
+        a detector already found not open at _pos; ``tried_match``: whether
+        its pattern matches there (None: not known)."""
         text = self._text
+        pos = self._pos
+        s, maybe = self._earliest_open(pos, tried, tried_match)
+        hidden = self._hidden
+        if maybe:
+            self._release_to(s, maybe)
+            pos, hidden = self._pos, self._hidden
+        else:  # _release_to(s, False), inline
+            if s > pos and s > hidden:
+                self._out.append(text[pos if pos > hidden else hidden : s])
+            self._pos = pos = s
+        if not self._blocked and len(text) - pos >= _COMMIT_MIN and pos >= hidden:
+            self._try_commit()
+        # _trim(), inline
+        arrivals = self._arrivals
+        if len(arrivals) > 1:  # forget older chunks
+            absolute = self._offset + (pos if pos > hidden else hidden)
+            while len(arrivals) > 1 and arrivals[1][0] <= absolute:
+                arrivals.popleft()
+        if pos - _CONTEXT >= 64:
+            self._cut(pos - _CONTEXT)
+
+    def _release_to(self, s: int, maybe: bool) -> None:
+        """Release the text from _pos to ``s``, where an open candidate begins
+        (or the text ends); ``maybe``: whether a match may begin before it."""
         p = self._pos
         while True:
-            s = len(text) if final else self._earliest_open(p)
-            hits: list[Hit] = []
-            if s > p:
-                m = self._any_match.search(text, p)
-                if m is not None and m.start() < s:
-                    hits = scan(self._dets, text, p, s)
-            for hit in hits:
-                self._emit(p, hit.start)
-                p = hit.end
-                if not self._apply(hit):
-                    self._pos = p
-                    return
+            if maybe:
+                for hit in self._hits(p, s):
+                    self._emit(p, hit.start)
+                    p = hit.end
+                    if not self._apply(hit):
+                        self._pos = p
+                        return
             if p <= s:
-                self._emit(p, s)
+                if s > p:
+                    self._emit(p, s)
                 self._pos = s
                 return
-            # a finished match ran past s, over the candidate there: go on after it
+            # a finished match ran past s, over the candidate there: go on after
+            # it (never when flushing: then s is the end of the text)
+            s, maybe = self._earliest_open(p, None, None)
 
-    def _earliest_open(self, pos: int) -> int:
+    def _hits(self, p: int, s: int) -> list[Hit]:
+        """``scan(self._dets, self._text, p, s)``: the same hits, found by
+        looking only where a match may begin."""
         text = self._text
-        m = self._any_tail.search(text, pos)
-        while m is not None:
-            i = m.start()
-            for det in self._open_order:
-                if det.open_at(text, i):
-                    return i
-            m = self._any_tail.search(text, i + 1)
-        return len(text)
+        tables = self._tables
+        starting, search, inert = self._starting, tables.starts.search, tables.inert
+        hits: list[Hit] = []
+        i = p
+        while i < s:
+            key = text[i - 1 : i + 1] if i else text[0]
+            if key[-1] not in inert:
+                for det in (starting.get(key) or tables.at(key))[1]:
+                    hit = det.match_at(text, i)
+                    if hit is not None:  # the leftmost, of the first detector listed
+                        hits.append(hit)
+                        break
+                else:
+                    hit = None
+                if hit is not None:
+                    i = hit.end
+                    continue
+            if key[-1] not in _ALNUM:
+                i += 1
+            elif (found := search(text, i + 1)) is not None:
+                i = found.start()
+            else:
+                break
+        return hits
+
+    def _earliest_open(
+        self, pos: int, tried: Detector | None, tried_match: bool | None
+    ) -> tuple[int, bool]:
+        """Where the earliest open candidate at or after ``pos`` begins
+        (``len(text)`` if none), and whether some pattern may match before it
+        (True may be a false alarm). ``tried``, ``tried_match``: as for
+        :meth:`_release`.
+
+        Only the positions ``_starts`` finds are looked at, and there only the
+        detectors whose start condition holds: by construction no detector's
+        tail or pattern matches anywhere else."""
+        text = self._text
+        n = len(text)
+        if pos >= n:
+            self._open_det = self._open_dets = None
+            self._open_abs = -1
+            return n, False
+        hint = self._open_det
+        at_hint = self._open_abs == self._offset + pos
+        if tried is None and hint is not None:
+            if hint.open_at(text, pos):
+                if not at_hint:
+                    self._open_abs = self._offset + pos
+                    self._open_dets = None
+                return pos, False
+            tried = hint
+        hint_dets = self._open_dets if at_hint else None
+        tables = self._tables
+        starting, probe, search = self._starting, self._probe, tables.starts.search
+        inert = tables.inert
+        maybe = False
+        i = pos
+        c = text[i]
+        while True:
+            if c not in inert:
+                if i != pos:
+                    dets = (starting.get(key := text[i - 1 : i + 1]) or tables.at(key))[0]
+                elif hint_dets is None:
+                    dets = tables.at(text[i - 1 : i + 1] if i else c)[0]
+                else:
+                    dets = hint_dets
+                for det in dets:
+                    if i == pos and det is tried:
+                        continue
+                    m = probe[det].match(text, i)
+                    if m is None:
+                        continue
+                    if m.lastindex is None:  # not the tail: its pattern matched
+                        maybe = True
+                    elif det.refine is None or det.refine(text, i, n):  # open
+                        self._open_det = det
+                        self._open_abs = self._offset + i
+                        self._open_dets = dets
+                        return i, maybe
+                    elif not maybe and det.pattern.match(text, i) is not None:
+                        maybe = True
+                if i == pos and tried is not None and not maybe:
+                    if tried_match is None:
+                        tried_match = tried.pattern.match(text, pos) is not None
+                    maybe = tried_match
+            # next: right after a character _starts finds (a word start), else
+            # the next character it finds
+            if i + 1 == n:
+                break
+            if c not in _ALNUM:
+                i += 1
+            elif (found := search(text, i + 1)) is not None:
+                i = found.start()
+            else:
+                break
+            c = text[i]
+        self._open_det = self._open_dets = None
+        self._open_abs = -1
+        return n, maybe
 
     def _emit(self, start: int, end: int) -> None:
         """Send raw text[start:end], less what a replacement already covers."""
-        start = max(start, self._hidden)
+        if start < self._hidden:
+            start = self._hidden
         if end > start:
             self._out.append(self._text[start:end])
 
@@ -301,9 +562,33 @@ class HoldbackFilter:
     def _try_commit(self) -> None:
         """Send the replacement of a match at _pos that is already certain."""
         text, p = self._text, self._pos
-        if len(text) - p < _COMMIT_MIN or p < self._hidden or not _COMMIT_HINT.search(text, p):
+        if len(text) - p < _COMMIT_MIN or p < self._hidden:
             return
-        for det in self._dets:
+        base = self._offset + p
+        if self._hint_base != base:
+            self._hint_base = self._hint_clear = base
+        if not _COMMIT_HINT.search(text, self._hint_clear - self._offset):
+            self._hint_clear = self._offset + len(text)
+            return
+        # only the detectors that may begin at p can match or be open there
+        key = text[p - 1 : p + 1] if p else text[0]
+        dets = (self._starting.get(key) or self._tables.at(key))[1]
+        det = self._open_det
+        if det is not None and self._open_abs == base:
+            # det is open at p, so the loop below stops at it at the latest:
+            # first see whether a detector before it may stop it earlier
+            rank, probe = self._tables.rank, self._probe
+            k = rank[det]
+            if not any(probe[d].match(text, p) for d in dets if rank[d] < k):
+                # det.match_at, then det.committable, but not validating a
+                # match that could not be committed anyway
+                m = det.pattern.match(text, p)
+                if m is not None and det.commit is not None and det.commit(m):
+                    span = det.validate(m)
+                    if span is not None:
+                        self._commit_early(det, forced=False, label_end=span[0])
+                return
+        for det in dets:
             hit = det.match_at(text, p)
             if hit is not None:
                 if det.committable(text, hit):
@@ -354,16 +639,20 @@ class HoldbackFilter:
     def _enforce_limits(self, now: float) -> None:
         if self._blocked or self._commit is not None:
             return
-        text = self._text
         start = max(self._pos, self._hidden)
-        held = len(text) - start
+        held = len(self._text) - start
         if held <= 0:
             return
         if held <= self.holdback_chars and (
-            self.holdback_ms == math.inf
+            not self._timed
             or (now - self._arrival(self._offset + start)) * 1000.0 < self.holdback_ms
         ):
             return
+        self._force_early()
+
+    def _force_early(self) -> None:
+        """A limit is reached: redact the candidate at once if it shows evidence."""
+        text = self._text
         for det in self._dets:
             evidence = det.evidence_at(text, self._pos)
             if evidence is not None and det.open_at(text, self._pos):
@@ -380,9 +669,11 @@ class HoldbackFilter:
 
     def _trim(self) -> None:
         self._arrival(self._offset + max(self._pos, self._hidden))  # forget older chunks
-        cut = self._pos - _CONTEXT
-        if cut < 64:
-            return
+        if self._pos - _CONTEXT >= 64:
+            self._cut(self._pos - _CONTEXT)
+
+    def _cut(self, cut: int) -> None:
+        """Drop the first ``cut`` characters of _text (released long ago)."""
         self._text = self._text[cut:]
         self._offset += cut
         self._pos -= cut

@@ -1,0 +1,124 @@
+"""Stopping a reply from elsewhere: ``reply.cancel`` on another instance, and
+the death (SIGKILL) of the instance generating it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.scaleout.conftest import (
+    FULL_TEXT,
+    LEASE_TTL_S,
+    Cluster,
+    Deployment,
+    assert_contiguous,
+    connect,
+    count_deltas,
+    deltas,
+    ends,
+    events,
+    join,
+    new_session,
+    send,
+    stored_reply,
+)
+from tests.wsclient import reply_end
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.timeout(90)]
+
+
+async def test_cancel_on_one_instance_stops_a_reply_generated_on_another(
+    cluster: Cluster, deployment: Deployment
+) -> None:
+    a, b = await cluster.start(2)
+    session_id = await new_session(a, deployment)
+    on_a = await connect(a, deployment)
+    on_b = await connect(b, deployment)
+    try:
+        await join(on_a, session_id)
+        await join(on_b, session_id)
+        reply_id = await send(on_b, session_id, "m1")
+        await count_deltas(on_a, reply_id, 10)
+        ack = await on_a.request({"type": "reply.cancel", "reply_id": reply_id})
+        assert ack == {"type": "ack", "id": ack["id"], "reply_id": reply_id, "cancelling": True}
+        cancelled_at = time.monotonic()
+        await asyncio.gather(
+            on_a.until(reply_end(reply_id), timeout=10),
+            on_b.until(reply_end(reply_id), timeout=10),
+        )
+        took = time.monotonic() - cancelled_at
+    finally:
+        await on_a.close()
+        await on_b.close()
+
+    seen_a, seen_b = events(on_a.seen, session_id), events(on_b.seen, session_id)
+    assert seen_a == seen_b
+    assert_contiguous(seen_a)
+    (end,) = ends(seen_a, reply_id)
+    assert end["type"] == "reply.completed"
+    assert end["stop_reason"] == "cancelled"
+    # Stopped promptly (the whole reply takes 2.5 s; 10 deltas were seen).
+    assert took < 1.5
+    partial = deltas(seen_a, reply_id)
+    assert partial and FULL_TEXT.startswith(partial) and partial != FULL_TEXT
+    assert end["message"]["content"] == partial
+    stored = await stored_reply(a, deployment, session_id, reply_id)
+    assert stored["content"] == partial
+    assert stored["status"] == "complete"
+
+
+async def test_a_killed_instance_s_reply_ends_as_interrupted_elsewhere(
+    cluster: Cluster, deployment: Deployment
+) -> None:
+    a, b, c = await cluster.start(3)
+    session_id = await new_session(a, deployment)
+    on_a = await connect(a, deployment)
+    on_c = await connect(c, deployment)
+    on_b = await connect(b, deployment)
+    try:
+        await join(on_a, session_id)
+        await join(on_c, session_id)
+        reply_id = await send(on_b, session_id, "m1")
+        await count_deltas(on_a, reply_id, 20)
+        b.kill9()
+        killed_at = time.monotonic()
+        await asyncio.gather(
+            on_a.until(reply_end(reply_id), timeout=6 * LEASE_TTL_S),
+            on_c.until(reply_end(reply_id), timeout=6 * LEASE_TTL_S),
+        )
+        took = time.monotonic() - killed_at
+        # Nothing more about this reply follows: no completion, no second end.
+        with pytest.raises(TimeoutError):
+            await on_a.until(lambda f: f.get("reply_id") == reply_id, timeout=2 * LEASE_TTL_S)
+        seen_a, seen_c = events(on_a.seen, session_id), events(on_c.seen, session_id)
+        assert seen_a == seen_c
+        assert_contiguous(seen_a)
+        (end,) = ends(seen_a, reply_id)
+        assert end["type"] == "reply.failed", end
+        assert end["code"] == "interrupted"
+        assert end["retryable"] is True
+        # The lease lapses within one TTL of the last renewal and a reaper
+        # runs every TTL/2: a few TTLs at most.
+        assert took < 3 * LEASE_TTL_S, f"ended {took:.1f} s after the kill"
+        # The text kept is exactly what was streamed before the kill.
+        partial = deltas(seen_a, reply_id)
+        assert len(partial) >= 20 * 5 and FULL_TEXT.startswith(partial)
+        assert partial != FULL_TEXT
+        assert end["partial"]["content"] == partial
+        assert end["partial"]["status"] == "failed"
+        stored = await stored_reply(a, deployment, session_id, reply_id)
+        assert stored["status"] == "failed"
+        assert stored["content"] == partial
+
+        # The session is free again: the next message gets a full reply.
+        next_id = await send(on_c, session_id, "m2")
+        frames = await on_a.until(reply_end(next_id), timeout=15)
+        assert frames[-1]["type"] == "reply.completed"
+        assert deltas(frames, next_id) == FULL_TEXT
+        assert_contiguous(events(on_a.seen, session_id))
+    finally:
+        await on_a.close()
+        await on_c.close()
+        await on_b.close()
