@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter
 from redis.exceptions import RedisError
-from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chathub.auth import Principal
@@ -140,61 +139,50 @@ async def _welcome(state: AppState, conn: Connection) -> dict[str, Any]:
 
 
 async def _serve(websocket: WebSocket, state: AppState, conn: Connection) -> None:
-    heartbeat = asyncio.create_task(_heartbeat(conn, state.settings.ws_heartbeat_s))
     # Once the server has closed the socket (or given up closing a peer that
-    # does not read), stop waiting for frames that may never come.
-    finished = asyncio.create_task(conn.finished.wait())
-    receiving: asyncio.Task[Message] | None = None
+    # does not read), the connection cancels this task: no frame may come.
+    conn.reader = asyncio.current_task()
     try:
-        while not conn.closed:
-            receiving = asyncio.create_task(websocket.receive())
-            await asyncio.wait((receiving, finished), return_when=asyncio.FIRST_COMPLETED)
-            if not receiving.done():
-                return
-            message = receiving.result()
-            if message["type"] == "websocket.disconnect":
-                return
-            metrics.FRAMES_IN.inc()
-            text = message.get("text")
-            if text is None:
-                conn.send(encode(BadRequest("binary frames are not accepted").frame()))
-                continue
-            request_id: str | None = None
-            try:
-                frame = parse_frame(text)
-                request_id = frame.id
-                replies = await _handle(state, conn, frame)
-            except FrameError as exc:
-                conn.send(encode(exc.frame(exc.request_id)))
-                continue
-            except ChathubError as exc:
-                conn.send(encode(exc.frame(request_id)))
-                continue
-            except BACKEND_ERRORS as exc:
-                # Redis (or the network to it) is down: refuse this frame and
-                # keep the socket; the client tries again when it is back.
-                log.warning("frame refused, a backing service failed: %r", exc)
-                unavailable = Unavailable("a backing service is unavailable; try again shortly")
-                conn.send(encode(unavailable.frame(request_id)))
-                continue
-            if request_id is not None:
-                direct = replies[0]
-                assert isinstance(direct, dict)  # the direct answer is built here
-                direct["id"] = request_id
-            for reply in replies:
-                conn.send(reply if isinstance(reply, str) else encode(reply))
-    finally:
-        heartbeat.cancel()
-        finished.cancel()
-        if receiving is not None:
-            receiving.cancel()
+        await _read_frames(websocket, state, conn)
+    except asyncio.CancelledError:
+        if not conn.finished.is_set():
+            raise  # not ours: shutdown
 
 
-async def _heartbeat(conn: Connection, every_s: float) -> None:
-    frame = encode({"type": "heartbeat"})
+async def _read_frames(websocket: WebSocket, state: AppState, conn: Connection) -> None:
     while not conn.closed:
-        await asyncio.sleep(every_s)
-        conn.send(frame)
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        metrics.FRAMES_IN.inc()
+        text = message.get("text")
+        if text is None:
+            conn.send(encode(BadRequest("binary frames are not accepted").frame()))
+            continue
+        request_id: str | None = None
+        try:
+            frame = parse_frame(text)
+            request_id = frame.id
+            replies = await _handle(state, conn, frame)
+        except FrameError as exc:
+            conn.send(encode(exc.frame(exc.request_id)))
+            continue
+        except ChathubError as exc:
+            conn.send(encode(exc.frame(request_id)))
+            continue
+        except BACKEND_ERRORS as exc:
+            # Redis (or the network to it) is down: refuse this frame and
+            # keep the socket; the client tries again when it is back.
+            log.warning("frame refused, a backing service failed: %r", exc)
+            unavailable = Unavailable("a backing service is unavailable; try again shortly")
+            conn.send(encode(unavailable.frame(request_id)))
+            continue
+        if request_id is not None:
+            direct = replies[0]
+            assert isinstance(direct, dict)  # the direct answer is built here
+            direct["id"] = request_id
+        for reply in replies:
+            conn.send(reply if isinstance(reply, str) else encode(reply))
 
 
 async def _handle(state: AppState, conn: Connection, frame: Any) -> list[dict[str, Any] | str]:

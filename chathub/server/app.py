@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
         await bus.start()
         await session_log.start()
         hub = Hub(session_log)
+        hub.start_heartbeats(settings.ws_heartbeat_s)
         dashboards = Dashboards(sessionmaker=sessionmaker, bus=bus, hub=hub)
         extractor = Extractor(
             sessionmaker=sessionmaker,

@@ -13,7 +13,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketState
 
@@ -75,6 +75,8 @@ class Connection:
         self._drained = asyncio.Event()
         self._drained.set()
         self._writer: asyncio.Task[None] | None = None
+        self.reader: asyncio.Task[Any] | None = None
+        """The task reading the socket's frames; cancelled once a close is over."""
         self.finished = asyncio.Event()
         """Set once a close started by :meth:`close_soon` is done or given up."""
 
@@ -164,6 +166,9 @@ class Connection:
                         await self.websocket.close(code, reason)
         finally:
             self.finished.set()
+            # The reader may wait for a frame that never comes: stop it.
+            if self.reader is not None and not self.reader.done():
+                self.reader.cancel()
 
     async def drain_and_stop(self, timeout: float = 2.0) -> None:
         """Flush what is queued (best effort), then stop the writer."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from chathub.server import metrics
 from chathub.server.connection import Connection, SessionCursor
+from chathub.server.frames import encode
 from chathub.server.session_log import Event, SessionLog
 
 log = logging.getLogger("chathub.hub")
@@ -162,6 +163,18 @@ class Hub:
 
     # -- lifecycle ---------------------------------------------------------
 
+    def start_heartbeats(self, every_s: float) -> None:
+        """One timer for every socket (not a task per socket: idle sockets
+        are what a hub holds most of)."""
+        self._spawn(self._heartbeats(every_s))
+
+    async def _heartbeats(self, every_s: float) -> None:
+        frame = encode({"type": "heartbeat"})
+        while True:
+            await asyncio.sleep(every_s)
+            for conn in tuple(self.connections.values()):
+                conn.send(frame)
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -176,8 +189,6 @@ class Hub:
 
 
 def _encode_lost(session_id: str, from_seq: int, to_seq: int) -> str:
-    from chathub.server.frames import encode
-
     return encode(
         {
             "type": "resync",

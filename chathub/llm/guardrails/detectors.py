@@ -419,7 +419,9 @@ GENERIC_SECRET = Detector(
     first="(?i:[" + "".join(sorted({label[0] for label in _LABELS})) + "])",
 )
 
-_PK_KIND = r"(?:[A-Z0-9]+ ){0,3}PRIVATE KEY-----"
+# words of at most 32 characters, so that a header is at most 126 characters
+_PK_WORD = r"[A-Z0-9]{1,32}"
+_PK_KIND = rf"(?:{_PK_WORD} ){{0,3}}PRIVATE KEY-----"
 _PK_HEADER = re.compile(r"-----BEGIN " + _PK_KIND)
 _PK_FOOTER = re.compile(r"-----END " + _PK_KIND)
 
@@ -439,7 +441,8 @@ PRIVATE_KEY = Detector(
         r"(?:"
         # any beginning of a header: up to three words, then "PRIVATE KEY-----"
         + _lit(
-            "-----BEGIN ", r"(?:[A-Z0-9]+ ){0,3}(?:" + _lit("PRIVATE KEY-----") + r"|[A-Z0-9]+)?"
+            "-----BEGIN ",
+            rf"(?:{_PK_WORD} ){{0,3}}(?:" + _lit("PRIVATE KEY-----") + rf"|{_PK_WORD})?",
         )
         + r"|-----BEGIN "
         + _PK_KIND

@@ -53,12 +53,16 @@ Guarantees
    caller stops the stream and sends ``policy.safe_message``.
 
 Cost: a ``feed`` looks at the held text and the new chunk only (the released
-text is dropped but for a few characters of look-behind context). A detector
-found open at the candidate is asked first whether it still is: while a word
-or a number grows, that one check is all (nothing is released). Otherwise only
-word starts are looked at (no detector's match or tail can begin elsewhere,
-see :func:`~chathub.llm.guardrails.detectors.start_condition`), each with one
-combined regex for "may anything start here" before asking each detector.
+text is dropped but for a few characters of look-behind context), and mostly
+at much less. The detector last found open at the candidate is asked first
+whether it still is (one regex, which also says whether its pattern matches
+there): while a word or a number grows, that is all. Otherwise only the
+positions where some detector's match or tail may begin are looked at (word
+starts, and a few lead characters such as the ``-`` of ``-----BEGIN``), and
+there only the detectors that may begin with the character found. Since every
+detector puts that start condition in front of its own regexes (see
+:func:`~chathub.llm.guardrails.detectors.start_condition`), this finds exactly
+what asking every detector at every position would.
 """
 
 from __future__ import annotations
@@ -96,20 +100,12 @@ class FilterOutput:
 
 
 _NOTHING = FilterOutput()
-# FilterOutput(text, actions, blocked), without the frozen dataclass's slower
-# __init__ (a FilterOutput is made for most tokens)
+# for FilterOutput(...) without the frozen dataclass's slower __init__ (most
+# tokens make one): the slots' own setters
 _new = object.__new__
 _set_text = FilterOutput.__dict__["text"].__set__
 _set_actions = FilterOutput.__dict__["actions"].__set__
 _set_blocked = FilterOutput.__dict__["blocked"].__set__
-
-
-def _output(text: str, actions: tuple[tuple[str, str], ...], blocked: bool) -> FilterOutput:
-    out: FilterOutput = _new(FilterOutput)
-    _set_text(out, text)
-    _set_actions(out, actions)
-    _set_blocked(out, blocked)
-    return out
 
 
 def redact_all(text: str, policy: Policy) -> FilterOutput:
@@ -353,7 +349,7 @@ class HoldbackFilter:
         out, actions = self._out, self._actions
         if not out and not actions and not self._blocked:
             return _NOTHING
-        taken: FilterOutput = _new(FilterOutput)  # _output(...), inline
+        taken: FilterOutput = _new(FilterOutput)
         _set_text(taken, out[0] if len(out) == 1 else "".join(out))
         _set_actions(taken, tuple(actions) if actions else ())
         _set_blocked(taken, self._blocked)
