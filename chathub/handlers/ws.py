@@ -75,13 +75,13 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     principal, auth_id = authenticated
     conn = Connection(websocket, new_id(), principal, settings.ws_send_queue)
     hub = state.hub
-    hub.register(conn)
     conn.start()
     try:
         welcome = await _welcome(state, conn)
         if auth_id is not None:  # the welcome answers the auth frame
             welcome["id"] = auth_id
-        conn.send(encode(welcome))
+        conn.send(encode(welcome))  # the first frame, before the hub sends any
+        hub.register(conn)
         await _serve(websocket, state, conn)
     except WebSocketDisconnect:
         pass
