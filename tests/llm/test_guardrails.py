@@ -9,7 +9,7 @@ import string
 from collections.abc import Sequence
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from chathub.auth import generate_api_key
@@ -25,6 +25,7 @@ from chathub.llm.guardrails import (
     redact_all,
     score_injection,
 )
+from chathub.llm.guardrails.detectors import Detector, Hit, scan
 
 DEFAULT = Policy.default()
 BLOCKING = Policy.from_dict({"blocklist": ["forbidden fruit", "make a bomb"]})
@@ -636,3 +637,464 @@ def test_time_and_length_limits_never_leak_a_redacted_span(
         filler = filler.replace(secret, " ")
     words = re.compile(r"[a-péü日]+")
     assert words.findall(MARKER.sub(" ", out.text)) == words.findall(filler)
+
+
+# -- streaming: the optimised filter against a straightforward one ---------------------
+
+
+class ReferenceFilter:
+    """The hold-back filter of the module docstring without any shortcut: it
+    keeps the whole text, asks every detector at every position from the
+    unreleased text on, and scans for hits whenever something is released.
+    :class:`HoldbackFilter` must give exactly its outputs, call by call."""
+
+    def __init__(self, policy: Policy, *, holdback_chars: int, holdback_ms: float) -> None:
+        self.policy = policy
+        self.dets = policy.detectors
+        self.chars = holdback_chars
+        self.ms = holdback_ms
+        self.text = ""
+        self.pos = 0  # where the unreleased text begins
+        self.hidden = 0  # text before this is covered by a replacement sent early
+        self.commit: tuple[Detector, bool] | None = None
+        self.forced_end = 0
+        self.arrivals: list[tuple[int, float]] = []
+        self.out: list[str] = []
+        self.actions: list[tuple[str, str]] = []
+        self.blocked = False
+        self.finished = False
+
+    @property
+    def held(self) -> int:
+        return 0 if self.commit else max(0, len(self.text) - max(self.pos, self.hidden))
+
+    def feed(self, chunk: str, now: float) -> FilterOutput:
+        if self.finished:
+            raise RuntimeError("feed after flush")
+        if self.blocked:
+            return FilterOutput(blocked=True)
+        if chunk:
+            self.arrivals.append((len(self.text), now))
+            self.text += chunk
+            self.advance(final=False)
+        self.enforce_limits(now)
+        return self.take()
+
+    def poll(self, now: float) -> FilterOutput:
+        if self.finished or self.blocked:
+            return FilterOutput(blocked=self.blocked)
+        self.enforce_limits(now)
+        return self.take()
+
+    def flush(self, now: float) -> FilterOutput:
+        if self.finished or self.blocked:
+            self.finished = True
+            return FilterOutput(blocked=self.blocked)
+        self.finished = True
+        self.advance(final=True)
+        return self.take()
+
+    def take(self) -> FilterOutput:
+        out = FilterOutput("".join(self.out), tuple(self.actions), self.blocked)
+        self.out.clear()
+        self.actions.clear()
+        return out
+
+    def open_at(self, i: int) -> bool:
+        return any(d.open_at(self.text, i) for d in self.dets)
+
+    def advance(self, *, final: bool) -> None:
+        text = self.text
+        if self.commit is not None:
+            det, forced = self.commit
+            if not final and det.open_at(text, self.pos):
+                return
+            if forced:
+                covered = self.forced_cover(det, final)
+            else:
+                hit = det.match_at(text, self.pos)
+                covered = self.pos + 1 if hit is None else hit.end
+            self.hidden = max(self.hidden, covered)
+            self.commit = None
+        p = self.pos
+        while True:  # release everything before the earliest open candidate
+            s = len(text)
+            if not final:
+                s = next((i for i in range(p, len(text)) if self.open_at(i)), len(text))
+            hits = scan(self.dets, text, p, s) if s > p else []
+            for hit in hits:
+                self.emit(p, hit.start)
+                p = hit.end
+                if not self.apply(hit):
+                    self.pos = p
+                    return
+            if p <= s:
+                self.emit(p, s)
+                self.pos = s
+                break
+        if not final and not self.blocked:
+            self.try_commit()
+
+    def emit(self, start: int, end: int) -> None:
+        start = max(start, self.hidden)
+        if end > start:
+            self.out.append(self.text[start:end])
+
+    def apply(self, hit: Hit) -> bool:
+        rule = hit.detector.rule
+        action = self.policy.action(rule)
+        if hit.start < self.hidden:
+            self.hidden = max(self.hidden, hit.end)
+        elif action != "block":
+            self.emit(hit.start, hit.redact_start)
+            self.out.append(self.policy.replacement(rule))
+            self.actions.append(("redacted", rule))
+        if action == "block":
+            self.blocked = True
+            self.actions.append(("blocked", rule))
+            return False
+        return True
+
+    def try_commit(self) -> None:
+        text, p = self.text, self.pos
+        if len(text) - p < 6 or p < self.hidden or not re.search(r"[@\-_:=]", text[p:]):
+            return
+        for det in self.dets:
+            hit = det.match_at(text, p)
+            if hit is not None:
+                if det.committable(text, hit):
+                    self.commit_early(det, forced=False, label_end=hit.redact_start)
+                return
+            if det.open_at(text, p):
+                return
+
+    def commit_early(self, det: Detector, *, forced: bool, label_end: int) -> None:
+        rule = det.rule
+        if self.policy.action(rule) == "block":
+            self.blocked = True
+            self.actions.append(("blocked", rule))
+            return
+        self.emit(self.pos, label_end)
+        if self.pos >= self.hidden:
+            self.out.append(self.policy.replacement(rule))
+            self.actions.append(("redacted", rule))
+        self.commit = (det, forced)
+        self.forced_end = len(self.text)
+
+    def forced_cover(self, det: Detector, final: bool) -> int:
+        text, pos = self.text, self.pos
+        end = len(text)
+        if not final:
+            end = next(
+                (n for n in range(len(text) - 1, self.forced_end, -1) if det.open_at(text, pos, n)),
+                self.forced_end,
+            )
+        while end > self.forced_end and text[end - 1] in " \t\n.,;:!?-()'\"":
+            end -= 1
+        for d in self.dets:
+            m = d.pattern.match(text, pos)
+            if m is not None:
+                end = max(end, m.end())
+        return end
+
+    def enforce_limits(self, now: float) -> None:
+        if self.blocked or self.commit is not None:
+            return
+        start = max(self.pos, self.hidden)
+        held = len(self.text) - start
+        if held <= 0:
+            return
+        # when the oldest held character arrived
+        arrived = next(t for s, t in reversed(self.arrivals) if s <= start)
+        if held <= self.chars and (now - arrived) * 1000.0 < self.ms:
+            return
+        for det in self.dets:
+            evidence = det.evidence_at(self.text, self.pos)
+            if evidence is not None and det.open_at(self.text, self.pos):
+                label = "secret" in evidence.re.groupindex
+                label_end = evidence.start("secret") if label else self.pos
+                self.commit_early(det, forced=True, label_end=label_end)
+                return
+
+
+ODD_BLOCKLIST = Policy.from_dict(
+    {
+        "blocklist": ["forbidden fruit", "-x marks", "$money", "İstanbul nights", "a b"],
+        "rules": {"phone": "block", "iban": {"action": "redact", "replacement": "<iban>"}},
+    }
+)
+REFERENCE_POLICIES = [*POLICIES, ODD_BLOCKLIST]
+# a word of prose, a number, a secret or the start of one, punctuation, odd characters
+PIECES = [
+    *SECRETS,
+    *STRICT_SECRETS,
+    "quick",
+    "Token",
+    "password = ",
+    "api_key: ",
+    "4111 1111",
+    "555 ",
+    "+44 ",
+    "GB82 WEST ",
+    "-----BEGIN ",
+    "-----BEGIN " + "X" * 45 + " PRIVATE KEY-----\nMIIB\n",
+    "-----BEGIN " + "X" * 32 + " " + "Y" * 20 + " PRIVATE KEY-----\nMIIB\n",
+    "-x marks",
+    "$money",
+    "İstanbul nights",
+    "a@b",
+    "sk-",
+    "ghp_",
+    "chk_0a1b",
+    "AKIA",
+]
+reference_texts = st.lists(
+    st.one_of(
+        st.text(max_size=8),
+        st.text("aAbkK0189 .-_@:=+()\n'\"\u212a\u017f\u0130\u0131", max_size=8),
+        st.sampled_from(PIECES),
+        st.sampled_from(SEPARATORS),
+    ),
+    max_size=20,
+).map("".join)
+
+
+def compare_with_reference(
+    text: str,
+    sizes: Sequence[int],
+    policy: Policy,
+    *,
+    holdback_chars: int = 128,
+    holdback_ms: float = math.inf,
+    gaps: Sequence[float] = (0.01,),
+    polls: Sequence[bool] = (False,),
+) -> None:
+    fast = HoldbackFilter(policy, holdback_chars=holdback_chars, holdback_ms=holdback_ms)
+    slow = ReferenceFilter(policy, holdback_chars=holdback_chars, holdback_ms=holdback_ms)
+    now, pos, k = 0.0, 0, 0
+    while pos < len(text):
+        size = sizes[k % len(sizes)]
+        now += gaps[k % len(gaps)]
+        chunk = text[pos : pos + size]
+        assert fast.feed(chunk, now) == slow.feed(chunk, now), (pos, chunk)
+        assert fast.held == slow.held, (pos, chunk)
+        if polls[k % len(polls)]:
+            now += gaps[(k + 1) % len(gaps)]
+            assert fast.poll(now) == slow.poll(now), ("poll", pos)
+            assert fast.held == slow.held, ("poll", pos)
+        pos += size
+        k += 1
+    assert fast.flush(now) == slow.flush(now)
+    assert fast.blocked == slow.blocked
+
+
+@PROPERTY
+@given(
+    text=reference_texts,
+    sizes=st.lists(st.integers(1, 2), min_size=1, max_size=12),
+    which=st.sampled_from(range(len(REFERENCE_POLICIES))),
+)
+def test_one_and_two_character_tokens_give_what_the_reference_gives(
+    text: str, sizes: list[int], which: int
+) -> None:
+    compare_with_reference(text, sizes, REFERENCE_POLICIES[which])
+
+
+@PROPERTY
+@given(
+    text=reference_texts,
+    sizes=st.lists(
+        st.one_of(st.sampled_from([1, 2, 3]), st.integers(1, 12), st.integers(13, 400)),
+        min_size=1,
+        max_size=8,
+    ),
+    which=st.sampled_from(range(len(REFERENCE_POLICIES))),
+    gaps=st.lists(st.sampled_from([0.001, 0.02, 0.1, 0.3, 2.0]), min_size=1, max_size=6),
+    polls=st.lists(st.booleans(), min_size=1, max_size=4),
+    holdback_ms=st.sampled_from([10.0, 100.0, 250.0, math.inf]),
+    holdback_chars=st.sampled_from([1, 8, 16, 64, 128]),
+)
+def test_any_chunking_and_timing_give_what_the_reference_gives(
+    text: str,
+    sizes: list[int],
+    which: int,
+    gaps: list[float],
+    polls: list[bool],
+    holdback_ms: float,
+    holdback_chars: int,
+) -> None:
+    compare_with_reference(
+        text,
+        sizes,
+        REFERENCE_POLICIES[which],
+        holdback_chars=holdback_chars,
+        holdback_ms=holdback_ms,
+        gaps=gaps,
+        polls=polls,
+    )
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 1000])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The team should review the release plan before the meeting. Token: "
+        "we expect the budget report this week, password reset aside!",
+        "Call (555) 123-4567 or +44 20 7946 0958, card 4111 1111 1111 1111 exp 12/26 "
+        "and 1 234 567 890 yen on 2024-01-15; IBAN GB82 WEST 1234 5698 7654 32.",
+        "Keys: sk-proj-4f9QmZ2xLp8RtY6wVb3NcK1sJ7hG5dFa, ghp_abc, api_key=x9Fq2LmZ8rTb4WcY7nKp "
+        "and AKIAIOSFODNN7EXAMPLE; mail ops-team+alerts@mail.example.co.uk or a@b.",
+        "a" * 70 + "@example.com " + "7" * 60 + " x-----BEGIN RSA PRIVATE KEY-----\nMIIE",
+        # one match right after another
+        "mail a@b.co-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----$money "
+        "4111 1111 1111 1111-x marks (555) 123-4567-----BEGIN EC PRIVATE KEY-----",
+    ],
+)
+def test_long_prose_and_pii_give_what_the_reference_gives(text: str, size: int) -> None:
+    for policy in REFERENCE_POLICIES:
+        compare_with_reference(text * 3, [size], policy)
+        compare_with_reference(text * 3, [size], policy, holdback_chars=16, holdback_ms=30.0)
+
+
+def test_a_long_private_key_kind_is_held_until_the_header_is_complete() -> None:
+    # "-----BEGIN " then up to three words of up to 32 characters: the tail used
+    # to give up after 40 characters and let the whole block out
+    kind = "X" * 32 + " " + "Y" * 30 + " PRIVATE KEY-----"
+    text = f"key -----BEGIN {kind}\nMIIB\n-----END {kind} ok"
+    assert redact_all(text, DEFAULT).text == "key [redacted:private_key] ok"
+    for size in (1, 2, 7):
+        whole, outs = stream(text, [size], holdback_chars=128)
+        assert whole.text == "key [redacted:private_key] ok"
+        assert not any("BEGIN" in o.text or "XXX" in o.text or "MIIB" in o.text for o in outs)
+    # a longer word makes no header, whole or streamed
+    odd = "-----BEGIN " + "X" * 33 + " PRIVATE KEY-----\nMIIB"
+    assert redact_all(odd, DEFAULT).text == odd
+    assert stream(odd, [1])[0].text == odd
+
+
+def test_blocked_phrases_that_do_not_begin_a_word_are_found_streaming() -> None:
+    text = "so-x  marks the spot, pay $MONEY now; see istanbul Nights"
+    reference = redact_all(text, ODD_BLOCKLIST)
+    assert reference == FilterOutput("so", (("blocked", "blocklist"),), True)
+    for size in (1, 2, 5):
+        assert stream(text, [size], ODD_BLOCKLIST)[0] == reference
+    assert stream("pay $MONEY now", [1], ODD_BLOCKLIST)[0].text == "pay "
+
+
+def raw_regex(det: Detector, compiled: re.Pattern[str]) -> re.Pattern[str]:
+    """The detector's regex as written, without the start condition it put in front."""
+    start = det.start.pattern
+    assert compiled.pattern.startswith(start)
+    return re.compile(compiled.pattern[len(start) :], compiled.flags)
+
+
+ALL_DETECTORS = [d for policy in REFERENCE_POLICIES for d in policy.detectors]
+
+
+@PROPERTY
+@given(text=reference_texts)
+def test_start_conditions_only_restate_what_the_patterns_say(text: str) -> None:
+    # The streaming filter looks only where a detector's start condition holds;
+    # for the built-in detectors and blocklists that changes no match or tail.
+    for det in ALL_DETECTORS:
+        for compiled in (det.pattern, det.tail):
+            raw = raw_regex(det, compiled)
+            for i in range(len(text) + 1):
+                got, want = compiled.match(text, i), raw.match(text, i)
+                assert (got and got.span()) == (want and want.span()), (det.rule, i)
+
+
+# The e-mail rule as first written: a tail, then a check in Python past the
+# look-ahead window. The detector now says all of it in its tail regex.
+OLD_LOCAL = r"[A-Za-z0-9._%+\-]"
+OLD_EMAIL = re.compile(
+    rf"(?<!{OLD_LOCAL}){OLD_LOCAL}{{1,64}}@(?=[A-Za-z0-9.\-]{{0,63}}[A-Za-z0-9\-]\.[A-Za-z]{{2}})"
+    r"[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
+)
+OLD_EMAIL_TAIL = re.compile(rf"(?<!{OLD_LOCAL}){OLD_LOCAL}{{1,64}}(?:@[A-Za-z0-9.\-]*)?\Z")
+
+
+def old_email_open(text: str, i: int, end: int) -> bool:
+    if OLD_EMAIL_TAIL.match(text, i, end) is None:
+        return False
+    at = text.find("@", i, end)
+    return at < 0 or end - at - 1 <= 67 or OLD_EMAIL.match(text, i, end) is not None
+
+
+@PROPERTY
+@example("z" * 64 + "@ex.co " + "z" * 65 + "@ex.co")
+@example("a@" + "b" * 62 + ".co a@" + "b" * 63 + ".co a@b" + "." * 70 + "co")
+@given(
+    st.lists(
+        st.one_of(
+            st.text("ab9._%+-@ (", max_size=6),
+            st.sampled_from(["x" * 63, "z" * 64, "y" * 70, "ex.co", "mail.example", "-", ".c"]),
+        ),
+        max_size=8,
+    ).map("".join)
+)
+def test_the_email_tail_is_the_first_written_rule(text: str) -> None:
+    email = next(d for d in DEFAULT.detectors if d.rule == "email")
+    for i in range(len(text)):
+        want = OLD_EMAIL.match(text, i)
+        got = email.pattern.match(text, i)
+        assert (got and got.span()) == (want and want.span()), i
+        for end in range(i + 1, len(text) + 1):
+            assert email.open_at(text, i, end) == old_email_open(text, i, end), (i, end)
+
+
+LABELS = [
+    f"{a}{sep}{b}"
+    for a, b in [
+        ("api", "key"),
+        ("api", "token"),
+        ("access", "key"),
+        ("access", "token"),
+        ("auth", "token"),
+        ("client", "secret"),
+        ("secret", "key"),
+    ]
+    for sep in ("_", "-", "")
+] + ["secret", "token", "password", "passwd", "pwd"]
+# the generic secret's regexes as first written: labels as one long alternation
+OLD_LABEL = "(?:" + "|".join(sorted(LABELS, key=lambda s: (-len(s), s))) + ")"
+OLD_VALUE = r"[A-Za-z0-9_\-./+=]"
+OLD_ASSIGN = r"""["']?[ \t]{0,3}[:=][ \t]{0,3}["']?"""
+OLD_GENERIC = re.compile(
+    rf"(?i:(?<![A-Za-z0-9_]){OLD_LABEL}(?![A-Za-z0-9_])){OLD_ASSIGN}(?P<secret>{OLD_VALUE}{{16,}})"
+)
+OLD_PREFIXES = "|".join(label[:k] for label in LABELS for k in range(1, len(label) + 1))
+OLD_GENERIC_TAIL = re.compile(
+    rf"(?i:(?<![A-Za-z0-9_])(?:{OLD_PREFIXES}"
+    rf"""|{OLD_LABEL}["']?[ \t]{{0,3}}(?:[:=][ \t]{{0,3}}["']?(?P<value>{OLD_VALUE}*))?))\Z"""
+)
+
+
+@PROPERTY
+@example(" ".join(f"{label}=x9Fq2LmZ8rTb4WcY7nKp" for label in LABELS))
+@example(" ".join(f"{label.upper()}\t:  'aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF'" for label in LABELS))
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(LABELS),
+            st.sampled_from([label.upper() for label in LABELS]),
+            st.text("aKk_-:= \t\"'xX9\u017f\u212a", max_size=5),
+            st.sampled_from(["x9Fq2LmZ8rTb4WcY7nKp", "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF"]),
+        ),
+        max_size=8,
+    ).map("".join)
+)
+def test_the_generic_secret_regexes_are_the_first_written_ones(text: str) -> None:
+    generic = next(d for d in DEFAULT.detectors if d.refine is not None and d.rule == "api_key")
+    for i in range(len(text)):
+        want = OLD_GENERIC.match(text, i)
+        got = generic.pattern.match(text, i)
+        assert (got and (got.span(), got.span("secret"))) == (
+            want and (want.span(), want.span("secret"))
+        ), i
+        for end in range(i + 1, min(i + 60, len(text)) + 1):
+            old_tail = OLD_GENERIC_TAIL.match(text, i, end)
+            new_tail = generic.tail.match(text, i, end)
+            assert (new_tail is None) == (old_tail is None), (i, end)
+            if new_tail is not None and old_tail is not None:
+                assert new_tail.group("value") == old_tail.group("value"), (i, end)

@@ -78,7 +78,9 @@ async def test_version_rows_refuse_update_below_the_orm(empty_db: str) -> None:
     try:
         async with engine.begin() as conn:
             await conn.execute(
-                text("INSERT INTO teams (id, name, created_at) VALUES ('t1', 'T', CURRENT_TIMESTAMP)")
+                text(
+                    "INSERT INTO teams (id, name, created_at) VALUES ('t1', 'T', CURRENT_TIMESTAMP)"
+                )
             )
             await conn.execute(
                 text(

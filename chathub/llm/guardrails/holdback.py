@@ -230,6 +230,8 @@ class HoldbackFilter:
         self._tables = tables = _tables(self._dets)
         self._probe = tables.probe
         self._starting = tables.starting
+        self._search = tables.starts.search
+        self._inert = tables.inert
         # _text = up to _CONTEXT released characters, then the unreleased text
         self._text = ""
         self._offset = 0  # absolute position of _text[0]
@@ -249,7 +251,8 @@ class HoldbackFilter:
         self._open_det: Detector | None = None
         self._open_abs = -1
         self._open_dets: tuple[Detector, ...] | None = None
-        # when the chunk holding absolute position _since_abs arrived
+        # when the chunk holding absolute position _since_abs arrived (only
+        # set for a position already received, so no later chunk holds it)
         self._since_abs = -1
         self._since = math.inf
         # the text from absolute _hint_base (the candidate) to _hint_clear holds
@@ -317,7 +320,7 @@ class HoldbackFilter:
                     self._force_early()
                 elif self._timed:
                     absolute = self._offset + start
-                    if absolute != self._since_abs:  # else _arrival(absolute) is _since
+                    if self._since_abs < 0:
                         self._since = self._arrival(absolute)
                         self._since_abs = absolute
                     if not (now - self._since) * 1000.0 < self.holdback_ms:
@@ -399,10 +402,12 @@ class HoldbackFilter:
             self._try_commit()
         # _trim(), inline
         arrivals = self._arrivals
-        if len(arrivals) > 1:  # forget older chunks
+        if arrivals:  # forget older chunks
             absolute = self._offset + (pos if pos > hidden else hidden)
             while len(arrivals) > 1 and arrivals[1][0] <= absolute:
                 arrivals.popleft()
+            if absolute < self._offset + len(text):  # (else the next chunk may start there)
+                self._since, self._since_abs = arrivals[0][1], absolute  # = _arrival(absolute)
         if pos - _CONTEXT >= 64:
             self._cut(pos - _CONTEXT)
 
@@ -432,7 +437,7 @@ class HoldbackFilter:
         looking only where a match may begin."""
         text = self._text
         tables = self._tables
-        starting, search, inert = self._starting, tables.starts.search, tables.inert
+        starting, search, inert = self._starting, self._search, self._inert
         hits: list[Hit] = []
         i = p
         while i < s:
@@ -484,8 +489,7 @@ class HoldbackFilter:
             tried = hint
         hint_dets = self._open_dets if at_hint else None
         tables = self._tables
-        starting, probe, search = self._starting, self._probe, tables.starts.search
-        inert = tables.inert
+        starting, probe, search, inert = self._starting, self._probe, self._search, self._inert
         maybe = False
         i = pos
         c = text[i]
