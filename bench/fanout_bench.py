@@ -1,8 +1,8 @@
 """Fan-out benchmark: one session's reply streamed to N sockets spread over two
 chathub instances that share Redis and PostgreSQL.
 
-    /work/venv/bin/python bench/fanout_bench.py          # full run, writes scaleout_results.md
-    /work/venv/bin/python bench/fanout_bench.py --quick  # a small run, printed only
+    .venv/bin/python bench/fanout_bench.py          # full run, writes scaleout_results.md
+    .venv/bin/python bench/fanout_bench.py --quick  # a small run, printed only
 
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust) and Redis on
 127.0.0.1:6379; a database of its own is created and dropped. Loopback only.
@@ -740,7 +740,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         f"Run {time.strftime('%Y-%m-%d %H:%M')} on {machine()}; loopback only; two chathub "
         "instances, Redis and PostgreSQL on the same host as the client and the monitor.",
-        "`/work/venv/bin/python bench/fanout_bench.py` "
+        "`.venv/bin/python bench/fanout_bench.py` "
         f"(sockets: {args.sockets}; rates: {args.rates}; {args.seconds:g} s of stream, "
         f"at most {MAX_CHUNKS} deltas; {args.runs} runs of each, every run shown). Method: "
         "see the docstring of bench/fanout_bench.py. The host is shared: the last column is "

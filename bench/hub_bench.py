@@ -1,6 +1,6 @@
 """Transport benchmark of chathub's WebSocket hub against a bare Starlette socket.
 
-    /work/venv/bin/python bench/hub_bench.py   # 3 runs of each configuration -> hub_results.md
+    .venv/bin/python bench/hub_bench.py   # 3 runs of each configuration -> hub_results.md
 
 Every run starts its server as a subprocess pinned to core 0 (``taskset -c 0``)
 and its client as a second subprocess pinned to core 1, on loopback only:
@@ -1037,8 +1037,9 @@ def bench_command(args: argparse.Namespace) -> int:
             )
             failed = failed or bool(problems)
             runs[key].append(r)
-    command = "/work/venv/bin/python bench/hub_bench.py" + (
-        " " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    shown = ["DIR" if a == args.profile else a for a in sys.argv[1:]]  # no local paths
+    command = ".venv/bin/python bench/hub_bench.py" + (
+        " " + " ".join(shlex.quote(a) for a in shown) if shown else ""
     )
     text = report(args, runs, command)
     if args.profile:
@@ -1075,7 +1076,7 @@ def profile_command(args: argparse.Namespace) -> str:
             f"{f['fps']:,.0f} frames/s, {f['tps']:,.0f} tokens/s, "
             f"{f['us_per_frame']:.1f} server CPU µs per frame"
             + (f"; PROBLEMS: {problems}" if problems else "")
-            + f". Raw samples: `{out}`.\n"
+            + f". Raw samples: `{Path(out).name}` in the profile folder.\n"
         )
         print(f"\n{head}\n{summarize_profile(out, top=args.profile_top)}", file=sys.stderr)
         sections.append(f"{head}\n{summarize_profile(out, parts_only=True)}\n")

@@ -1,9 +1,9 @@
 """Memory of idle sockets: N authenticated sockets, each joined to a session,
 on one chathub instance; server RSS per socket.
 
-    /work/venv/bin/python bench/idle_sockets_bench.py          # 10,000 sockets, writes
+    .venv/bin/python bench/idle_sockets_bench.py          # 10,000 sockets, writes
                                                                # bench/scaleout_results.md
-    /work/venv/bin/python bench/idle_sockets_bench.py --quick  # 1,000 sockets, printed only
+    .venv/bin/python bench/idle_sockets_bench.py --quick  # 1,000 sockets, printed only
 
 Needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (the scale-out
 configuration); a database of its own is created and dropped. Loopback only.
@@ -177,7 +177,7 @@ def render(results: list[dict[str, Any]]) -> str:
         "## Idle sockets: server memory per authenticated, joined socket",
         "",
         f"Run {time.strftime('%Y-%m-%d %H:%M')} on {machine()}; one chathub instance "
-        "(PostgreSQL, Redis); `/work/venv/bin/python bench/idle_sockets_bench.py`. "
+        "(PostgreSQL, Redis); `.venv/bin/python bench/idle_sockets_bench.py`. "
         "Method: see the docstring of bench/idle_sockets_bench.py. Target: at most 20 KiB "
         "per idle socket with compression off.",
         "",

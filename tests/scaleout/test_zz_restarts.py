@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -63,7 +64,7 @@ def redis_start_command() -> list[str]:
             "--port", "6379", "--save", "", "--appendonly", "no",
             "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log",
         ]  # fmt: skip
-    private = Path(f"/tmp/chathub-test-redis-{port}")
+    private = Path(tempfile.gettempdir()) / f"chathub-test-redis-{port}"
     private.mkdir(exist_ok=True)
     return [
         "redis-server", "--daemonize", "yes", "--bind", host,
