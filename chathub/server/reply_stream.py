@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
+from typing import Any
 
 from chathub.llm.guardrails import FilterOutput, HoldbackFilter, Policy
 from chathub.server import metrics
-from chathub.server.session_log import SessionLog
+from chathub.server.session_log import Event, SessionLog
+
+AppendNow = Callable[[str, str, dict[str, Any]], Event]
 
 
 class DeltaWriter:
@@ -52,6 +56,8 @@ class DeltaWriter:
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_write: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
+        # An in-process log appends without awaiting; see _flush_now.
+        self._append_now: AppendNow | None = getattr(log, "append_now", None)
 
     @property
     def text(self) -> str:
@@ -63,7 +69,10 @@ class DeltaWriter:
             return
         now = self._loop.time()
         if self._accept(self.filter.feed(token, now), now):
-            await self._flush()
+            if self._append_now is not None and not self._tasks and not self._lock.locked():
+                self._flush_now(self._append_now)
+            else:
+                await self._flush()
         self._arm_poll()
 
     async def finish(self) -> None:
@@ -138,6 +147,36 @@ class DeltaWriter:
         )
         self.sent.append(text)
 
+    def _take_buffer(self) -> str:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        text = "".join(self._buffer)
+        self._buffer.clear()
+        self._buffered = 0
+        return text
+
+    def _take_actions(self) -> list[tuple[str, dict[str, Any]]]:
+        actions, self._pending = self._pending, []
+        events = []
+        for action, rule in actions:
+            metrics.GUARDRAIL_ACTIONS.labels(action=action, rule=rule).inc()
+            events.append(
+                ("reply.guardrail", {"reply_id": self.reply_id, "action": action, "rule": rule})
+            )
+        return events
+
+    def _flush_now(self, append_now: AppendNow) -> None:
+        """:meth:`_flush` for a log that appends without awaiting: nothing can
+        interleave or be cut off by a cancel, so no lock, task or shield (the
+        cost of a delta with coalescing off is mostly those)."""
+        if self._buffer:
+            text = self._take_buffer()
+            append_now(self.session_id, "reply.delta", {"reply_id": self.reply_id, "text": text})
+            self.sent.append(text)
+        for type_, data in self._take_actions():
+            append_now(self.session_id, type_, data)
+
     async def _flush(self) -> None:
         """Write the buffer as one ``reply.delta``, then any guardrail events;
         ordered by a lock."""
@@ -145,24 +184,16 @@ class DeltaWriter:
             if self._last_write is not None and not self._last_write.done():
                 # A write cut off by a cancel goes first: deltas stay in order.
                 await asyncio.shield(self._last_write)
-            if self._flush_timer is not None:
-                self._flush_timer.cancel()
-                self._flush_timer = None
             if self._buffer:
-                text = "".join(self._buffer)
-                self._buffer.clear()
-                self._buffered = 0
+                text = self._take_buffer()
                 # Shielded: a cancel arriving mid-append must not lose track
                 # of text the log may already hold.
                 write = self._last_write = self._loop.create_task(self._append_delta(text))
                 self._tasks.add(write)
                 write.add_done_callback(self._tasks.discard)
                 await asyncio.shield(write)
-            actions, self._pending = self._pending, []
-            for action, rule in actions:
-                metrics.GUARDRAIL_ACTIONS.labels(action=action, rule=rule).inc()
-                await self.log.append(
-                    self.session_id,
-                    "reply.guardrail",
-                    {"reply_id": self.reply_id, "action": action, "rule": rule},
-                )
+            elif self._flush_timer is not None:
+                self._flush_timer.cancel()
+                self._flush_timer = None
+            for type_, data in self._take_actions():
+                await self.log.append(self.session_id, type_, data)

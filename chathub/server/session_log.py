@@ -122,6 +122,11 @@ class MemorySessionLog:
             oldest.touched = now
 
     async def append(self, session_id: str, type: str, data: dict[str, Any]) -> Event:
+        return self.append_now(session_id, type, data)
+
+    def append_now(self, session_id: str, type: str, data: dict[str, Any]) -> Event:
+        """:meth:`append` without awaiting: nothing else can run in between,
+        which lets the reply stream skip the care a remote log needs."""
         window = self._window(session_id)
         event = Event.build(session_id, window.next_seq, type, data)
         window.next_seq += 1
