@@ -75,7 +75,6 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     principal, auth_id = authenticated
     conn = Connection(websocket, new_id(), principal, settings.ws_send_queue)
     hub = state.hub
-    conn.start()
     try:
         welcome = await _welcome(state, conn)
         if auth_id is not None:  # the welcome answers the auth frame
@@ -145,7 +144,7 @@ async def _serve(websocket: WebSocket, state: AppState, conn: Connection) -> Non
     try:
         await _read_frames(websocket, state, conn)
     except asyncio.CancelledError:
-        if not conn.finished.is_set():
+        if not conn.finished:
             raise  # not ours: shutdown
 
 

@@ -3,6 +3,11 @@
 Nobody awaits a client: producers call :meth:`Connection.send`, which only
 appends to the queue. A client that stops reading fills its queue and is
 closed with :data:`CLOSE_SLOW`; the others never notice.
+
+Most sockets of a hub are idle, so an idle one holds as little as it can: the
+writer task exists only while there are frames to send (it is started by the
+first frame queued and ends once the queue is empty), and there are no
+``asyncio.Event`` objects (each holds a deque of waiters, about 400 bytes).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ Past it the server gives up on a clean close and drops the connection."""
 CatchUp = Callable[["Connection", str], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionCursor:
     """Where this socket is in one session's event stream."""
 
@@ -53,6 +58,24 @@ class Connection:
     """A subscriber to sessions and dashboards. With a ``websocket`` a writer
     task sends its frames; without one (server-sent events) the owner reads
     them with :meth:`take`."""
+
+    __slots__ = (
+        "_queue",
+        "_stopped",
+        "_waiter",
+        "_writer",
+        "close_code",
+        "closed",
+        "dashboard",
+        "dashboard_held",
+        "finished",
+        "id",
+        "max_queue",
+        "principal",
+        "reader",
+        "sessions",
+        "websocket",
+    )
 
     def __init__(
         self,
@@ -70,43 +93,60 @@ class Connection:
         self.dashboard_held: list[tuple[int, str]] | None = None
         self.closed = False
         self.close_code: int | None = None
-        self._queue: deque[str] = deque()
-        self._ready = asyncio.Event()
-        self._drained = asyncio.Event()
-        self._drained.set()
-        self._writer: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[Any] | None = None
         """The task reading the socket's frames; cancelled once a close is over."""
-        self.finished = asyncio.Event()
-        """Set once a close started by :meth:`close_soon` is done or given up."""
-
-    def start(self) -> None:
-        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
+        self.finished = False
+        """True once a close started by :meth:`close_soon` is done or given up."""
+        # Frames not sent yet; None when there are none (a deque is about
+        # 600 bytes even when empty, and idle sockets are most of a hub).
+        self._queue: deque[str] | None = None
+        # The one task sending this socket's frames, while it has any.
+        self._writer: asyncio.Task[None] | None = None
+        # Set by drain_and_stop: no writer starts again.
+        self._stopped = False
+        # What take() waits on (socket-less use).
+        self._waiter: asyncio.Future[None] | None = None
 
     def send(self, frame: str) -> None:
         """Queue a frame; never blocks. Overflow closes the socket as slow."""
         if self.closed:
             return
-        if len(self._queue) >= self.max_queue:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        if len(queue) >= self.max_queue:
             metrics.SLOW_CLOSES.inc()
             log.warning("closing slow client %s (queue full)", self.id)
             self.close_soon(CLOSE_SLOW, "slow consumer: send queue full")
             return
-        self._queue.append(frame)
-        self._drained.clear()
-        self._ready.set()
+        queue.append(frame)
+        if self.websocket is None:
+            self._wake()
+        elif self._writer is None and not self._stopped:
+            # A running writer sends this frame too: it ends only once it
+            # finds the queue empty, so there is never more than one.
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     async def take(self) -> list[str]:
-        """Wait for queued frames and return them all (socket-less use)."""
-        await self._ready.wait()
-        self._ready.clear()
-        frames = list(self._queue)
-        self._queue.clear()
+        """Wait for queued frames and return them all (socket-less use); an
+        empty list once the connection is closed."""
+        while not self._queue and not self.closed:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        frames = list(self._queue or ())
+        self._queue = None
         return frames
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return len(self._queue) if self._queue is not None else 0
 
     def deliver(self, event: Event, catch_up: CatchUp) -> None:
         """Queue a live session event in ``seq`` order with no gap and no
@@ -121,23 +161,25 @@ class Connection:
         catch_up(self, event.session_id)
 
     async def _write_loop(self) -> None:
-        ws = self.websocket
-        assert ws is not None
+        """Send until the queue is empty, then end (the next frame queued
+        starts a new writer). Frames queued meanwhile go out in this run."""
+        ws, queue = self.websocket, self._queue
+        assert ws is not None and queue is not None
+        sent = 0
         try:
-            while True:
-                await self._ready.wait()
-                self._ready.clear()
-                sent = 0
-                while self._queue:
-                    await ws.send_text(self._queue.popleft())
-                    sent += 1
-                metrics.FRAMES_OUT.inc(sent)
-                self._drained.set()
-        except asyncio.CancelledError:
-            raise
+            while queue:
+                await ws.send_text(queue.popleft())
+                sent += 1
         except Exception:
             # The peer went away; the reader side notices and cleans up.
             self.closed = True
+        finally:
+            if sent:
+                metrics.FRAMES_OUT.inc(sent)
+        # No await since the queue was seen empty: nothing was queued after.
+        self._writer = None
+        if self._queue is queue and not queue:
+            self._queue = None
 
     def close_soon(self, code: int, reason: str = "") -> None:
         """Stop sending and close the socket in the background."""
@@ -145,16 +187,13 @@ class Connection:
             return
         self.closed = True
         self.close_code = code
-        self._queue.clear()
-        self._ready.set()
+        self._queue = None
+        self._wake()
         asyncio.get_running_loop().create_task(self._close(code, reason))
 
     async def _close(self, code: int, reason: str) -> None:
         try:
-            if self._writer is not None:
-                self._writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._writer
+            await self._stop_writer()
             if (
                 self.websocket is not None
                 and self.websocket.application_state == WebSocketState.CONNECTED
@@ -165,18 +204,23 @@ class Connection:
                     async with asyncio.timeout(CLOSE_GRACE_S):
                         await self.websocket.close(code, reason)
         finally:
-            self.finished.set()
+            self.finished = True
             # The reader may wait for a frame that never comes: stop it.
             if self.reader is not None and not self.reader.done():
                 self.reader.cancel()
 
-    async def drain_and_stop(self, timeout: float = 2.0) -> None:
-        """Flush what is queued (best effort), then stop the writer."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                if not self.closed:
-                    await self._drained.wait()
-        if self._writer is not None:
-            self._writer.cancel()
+    async def _stop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._writer
+                await writer
+
+    async def drain_and_stop(self, timeout: float = 2.0) -> None:
+        """Flush what is queued (best effort), then stop the writer for good."""
+        self._stopped = True
+        writer = self._writer
+        if writer is not None and not self.closed and timeout > 0:
+            # The writer ends by itself once the queue is empty.
+            await asyncio.wait((writer,), timeout=timeout)
+        await self._stop_writer()
