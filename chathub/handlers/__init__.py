@@ -7,7 +7,9 @@ from fastapi import APIRouter
 
 
 def routers() -> list[APIRouter]:
-    from chathub.handlers import auth, dashboard, files, health, modes, sessions, team, ws
+    """The REST routes. The socket (``chathub.handlers.ws``) is not among
+    them: ``create_app`` serves it before FastAPI's routing."""
+    from chathub.handlers import auth, dashboard, files, health, modes, sessions, team
 
     return [
         health.router,
@@ -17,5 +19,4 @@ def routers() -> list[APIRouter]:
         team.router,
         files.router,
         modes.router,
-        ws.router,
     ]

@@ -9,8 +9,8 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter
 from redis.exceptions import RedisError
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chathub.auth import Principal
@@ -42,7 +42,8 @@ from chathub.storage.repositories import sessions as sessions_repo
 from chathub.storage.repositories import teams
 
 log = logging.getLogger("chathub.ws")
-router = APIRouter()
+
+PATH = "/ws"
 
 PROTOCOL_VERSION = 1
 BACKEND_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
@@ -61,7 +62,16 @@ def origin_allowed(origin: str | None, host: str | None, settings: Settings) -> 
     return host is not None and urlsplit(origin).netloc == host
 
 
-@router.websocket("/ws")
+async def websocket_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """``/ws`` as a bare ASGI app: ``create_app`` hands it the socket's scope
+    straight from the ASGI entry point. FastAPI's middleware and routing
+    layers have nothing to do for this endpoint (it takes no dependencies and
+    handles its own errors), yet each would keep a coroutine frame, and
+    FastAPI its exit stacks, alive for as long as the socket is open: about
+    6 KiB per socket, and idle sockets are most of what a hub holds."""
+    await websocket_endpoint(WebSocket(scope, receive, send))
+
+
 async def websocket_endpoint(websocket: WebSocket) -> None:
     state: AppState = websocket.state.chathub
     settings = state.settings

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chathub import __version__
 from chathub.auth import TokenCodec
@@ -32,6 +33,31 @@ from chathub.storage.db import create_engine, create_sessionmaker
 from chathub.storage.migrate import upgrade_async
 
 log = logging.getLogger("chathub")
+
+
+class ChathubApp(FastAPI):
+    """FastAPI, with one WebSocket endpoint served before its middleware and
+    routing layers (see ``chathub.handlers.ws.websocket_app``: each layer
+    would stay on every open socket's stack)."""
+
+    def __init__(self, *, socket_path: str, socket_app: ASGIApp, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.socket_path = socket_path
+        self.socket_app = socket_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and _route_path(scope) == self.socket_path:
+            await self.socket_app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path without the ``root_path`` (the server's, e.g. behind a
+    proxy), as routing sees it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def create_app(settings: Settings | None = None, *, migrate: bool | None = None) -> FastAPI:
@@ -116,7 +142,11 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
             await provider.aclose()
             await engine.dispose()
 
-    app = FastAPI(
+    from chathub.handlers import routers, ws
+
+    app = ChathubApp(
+        socket_path=ws.PATH,
+        socket_app=ws.websocket_app,
         title="chathub",
         version=__version__,
         summary="Streaming, real-time chat backend for LLM conversations",
@@ -131,8 +161,6 @@ def create_app(settings: Settings | None = None, *, migrate: bool | None = None)
 
     app.add_middleware(BodyLimit, limit_for=limit_for)
     app.add_middleware(HttpMetrics)
-
-    from chathub.handlers import routers
 
     for router in routers():
         app.include_router(router)
