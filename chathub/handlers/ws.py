@@ -86,10 +86,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     conn = Connection(websocket, new_id(), principal, settings.ws_send_queue)
     hub = state.hub
     try:
-        welcome = await _welcome(state, conn)
-        if auth_id is not None:  # the welcome answers the auth frame
-            welcome["id"] = auth_id
-        conn.send(encode(welcome))  # the first frame, before the hub sends any
+        await _greet(state, conn, auth_id)  # the first frame, before the hub sends any
         hub.register(conn)
         await _serve(websocket, state, conn)
     except WebSocketDisconnect:
@@ -133,6 +130,14 @@ async def _authenticate(
         return None
 
 
+async def _greet(state: AppState, conn: Connection, auth_id: str | None) -> None:
+    # A call of its own: the socket keeps nothing of the welcome once sent.
+    welcome = await _welcome(state, conn)
+    if auth_id is not None:  # the welcome answers the auth frame
+        welcome["id"] = auth_id
+    conn.send(encode(welcome))
+
+
 async def _welcome(state: AppState, conn: Connection) -> dict[str, Any]:
     p = conn.principal
     async with state.sessionmaker() as db:
@@ -159,39 +164,47 @@ async def _serve(websocket: WebSocket, state: AppState, conn: Connection) -> Non
 
 
 async def _read_frames(websocket: WebSocket, state: AppState, conn: Connection) -> None:
-    while not conn.closed:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        metrics.FRAMES_IN.inc()
-        text = message.get("text")
-        if text is None:
-            conn.send(encode(BadRequest("binary frames are not accepted").frame()))
-            continue
-        request_id: str | None = None
-        try:
-            frame = parse_frame(text)
-            request_id = frame.id
-            replies = await _handle(state, conn, frame)
-        except FrameError as exc:
-            conn.send(encode(exc.frame(exc.request_id)))
-            continue
-        except ChathubError as exc:
-            conn.send(encode(exc.frame(request_id)))
-            continue
-        except BACKEND_ERRORS as exc:
-            # Redis (or the network to it) is down: refuse this frame and
-            # keep the socket; the client tries again when it is back.
-            log.warning("frame refused, a backing service failed: %r", exc)
-            unavailable = Unavailable("a backing service is unavailable; try again shortly")
-            conn.send(encode(unavailable.frame(request_id)))
-            continue
-        if request_id is not None:
-            direct = replies[0]
-            assert isinstance(direct, dict)  # the direct answer is built here
-            direct["id"] = request_id
-        for reply in replies:
-            conn.send(reply if isinstance(reply, str) else encode(reply))
+    # One call per frame: what a frame brought and answered dies with its
+    # call, so an idle socket holds nothing of its last frame.
+    while not conn.closed and await _read_frame(websocket, state, conn):
+        pass
+
+
+async def _read_frame(websocket: WebSocket, state: AppState, conn: Connection) -> bool:
+    """Wait for one frame and answer it; False once the peer is gone."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        return False
+    metrics.FRAMES_IN.inc()
+    text = message.get("text")
+    if text is None:
+        conn.send(encode(BadRequest("binary frames are not accepted").frame()))
+        return True
+    request_id: str | None = None
+    try:
+        frame = parse_frame(text)
+        request_id = frame.id
+        replies = await _handle(state, conn, frame)
+    except FrameError as exc:
+        conn.send(encode(exc.frame(exc.request_id)))
+        return True
+    except ChathubError as exc:
+        conn.send(encode(exc.frame(request_id)))
+        return True
+    except BACKEND_ERRORS as exc:
+        # Redis (or the network to it) is down: refuse this frame and
+        # keep the socket; the client tries again when it is back.
+        log.warning("frame refused, a backing service failed: %r", exc)
+        unavailable = Unavailable("a backing service is unavailable; try again shortly")
+        conn.send(encode(unavailable.frame(request_id)))
+        return True
+    if request_id is not None:
+        direct = replies[0]
+        assert isinstance(direct, dict)  # the direct answer is built here
+        direct["id"] = request_id
+    for reply in replies:
+        conn.send(reply if isinstance(reply, str) else encode(reply))
+    return True
 
 
 async def _handle(state: AppState, conn: Connection, frame: Any) -> list[dict[str, Any] | str]:
