@@ -15,6 +15,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from chathub.server.app import create_app
+    from chathub.server.ws_protocol import uvicorn_settings
 
     try:
         app = create_app(settings)
@@ -26,8 +27,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host,
         port=args.port,
         log_level=settings.log_level,
-        ws_max_size=settings.ws_max_frame_bytes,
-        ws_per_message_deflate=settings.ws_compression,
+        **uvicorn_settings(settings),
         proxy_headers=True,
         timeout_graceful_shutdown=10,
     )

@@ -20,6 +20,7 @@ from sqlalchemy import text
 from chathub.config import Settings
 from chathub.server.app import create_app
 from chathub.server.state import AppState
+from chathub.server.ws_protocol import uvicorn_settings
 from chathub.storage.db import transaction
 from chathub.storage.models import Base
 from chathub.storage.repositories import teams
@@ -106,8 +107,7 @@ async def start_server(settings: Settings, *, migrate: bool = True) -> RunningSe
         port=0,
         log_level="warning",
         lifespan="on",
-        ws_max_size=settings.ws_max_frame_bytes,
-        ws_per_message_deflate=settings.ws_compression,
+        **uvicorn_settings(settings),
         ws_ping_interval=None,
     )
     server = uvicorn.Server(config)

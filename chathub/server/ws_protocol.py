@@ -1,0 +1,174 @@
+"""uvicorn's WebSocket protocol, leaner per idle socket.
+
+An idle hub socket costs mostly what the ASGI server keeps for it. This
+subclass of uvicorn's ``websockets-sansio`` protocol keeps the same
+behaviour and holds less:
+
+* the ASGI receive queue is a list and at most one future, not an
+  ``asyncio.Queue`` (three deques and an ``asyncio.Event``, about 3 KiB);
+* the "transport writable" flag is a slotted flag whose future exists only
+  while a send waits for a paused transport, not an ``asyncio.Event``;
+* the handshake's request and response, and their headers, are let go once
+  the handshake is done: the scope keeps its own copy of the request headers
+  and nothing reads either object afterwards.
+
+``ws_protocol_class()`` falls back to uvicorn's default when its sansio
+implementation cannot be imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from chathub.config import Settings
+
+
+class Inbox:
+    """What uvicorn's protocol needs of its receive queue: ``put_nowait``,
+    ``get`` and ``empty``, for the socket's one reader (a second concurrent
+    reader is served too, in order)."""
+
+    __slots__ = ("_items", "_waiters")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+        if not waiters:
+            self._waiters = None
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if self._waiters is not None and waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                    if not self._waiters:
+                        self._waiters = None
+                elif self._items:
+                    self._wake()  # woken, then cancelled: pass the wake-up on
+                raise
+        item = self._items.pop(0)
+        if self._items:
+            self._wake()  # another reader may be waiting for what is left
+        return item
+
+
+class Flag:
+    """``asyncio.Event``'s ``set``/``clear``/``is_set``/``wait``, slotted; its
+    waiters' futures exist only while the flag is clear and someone waits."""
+
+    __slots__ = ("_value", "_waiters")
+
+    def __init__(self, value: bool = True) -> None:
+        self._value = value
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._value
+
+    def set(self) -> None:
+        self._value = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._value = False
+
+    async def wait(self) -> bool:
+        if self._value:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return True
+
+
+def _lean_protocol_class() -> type[asyncio.Protocol] | None:
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import (
+            WebSocketsSansIOProtocol,
+        )
+    except ImportError:  # pragma: no cover - uvicorn or websockets too old
+        return None
+
+    class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
+        """uvicorn's sansio protocol, minus what an idle socket need not hold."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.queue = Inbox()  # type: ignore[assignment]
+            self.writable = Flag()  # type: ignore[assignment]
+
+        def handle_connect(self, event: Any) -> None:
+            super().handle_connect(event)
+            # The scope holds its own copy of the headers; the parser's
+            # generator frame keeps ``event`` alive for the socket's life.
+            event.headers.clear()
+            self.request = None  # type: ignore[assignment]
+            if self.handshake_complete:  # rejected by websockets: sent and done
+                self._forget_response()
+
+        def start_keepalive(self) -> None:
+            # uvicorn calls this right after writing the 101 response: the
+            # handshake is over, nothing reads the response any more.
+            self._forget_response()
+            super().start_keepalive()
+
+        def _forget_response(self) -> None:
+            response = getattr(self, "response", None)
+            if response is not None:
+                response.headers.clear()
+                self.response = None  # type: ignore[assignment]
+
+    return LeanWebSocketProtocol
+
+
+LEAN_PROTOCOL: type[asyncio.Protocol] | None = _lean_protocol_class()
+
+
+def ws_protocol_class() -> type[asyncio.Protocol] | str:
+    """The WebSocket protocol chathub serves with: the lean subclass of
+    uvicorn's sansio implementation, else uvicorn's default (``"auto"``)."""
+    return LEAN_PROTOCOL if LEAN_PROTOCOL is not None else "auto"
+
+
+def uvicorn_settings(settings: Settings) -> dict[str, Any]:
+    """The ``uvicorn.Config`` arguments ``chathub serve`` and the test
+    servers share: WebSocket protocol, frame size limit, compression."""
+    return {
+        "ws": ws_protocol_class(),
+        "ws_max_size": settings.ws_max_frame_bytes,
+        "ws_per_message_deflate": settings.ws_compression,
+    }
