@@ -43,6 +43,15 @@ CLOSE_GRACE_S = 10.0
 Past it the server gives up on a clean close and drops the connection."""
 
 
+WRITER_LINGER_S = 1.0
+"""How long a socket's writer task waits for the next frame before it ends."""
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 CatchUp = Callable[["Connection", str], None]
 
 
@@ -104,7 +113,7 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         # Set by drain_and_stop: no writer starts again.
         self._stopped = False
-        # What take() waits on (socket-less use).
+        # What take() (socket-less use) or a lingering writer waits on.
         self._waiter: asyncio.Future[None] | None = None
 
     def send(self, frame: str) -> None:
@@ -120,12 +129,12 @@ class Connection:
             self.close_soon(CLOSE_SLOW, "slow consumer: send queue full")
             return
         queue.append(frame)
-        if self.websocket is None:
-            self._wake()
-        elif self._writer is None and not self._stopped:
-            # A running writer sends this frame too: it ends only once it
-            # finds the queue empty, so there is never more than one.
+        if self._writer is None and self.websocket is not None and not self._stopped:
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        else:
+            # A running writer sends this frame too (wake it if it lingers);
+            # socket-less, take() is waiting.
+            self._wake()
 
     async def take(self) -> list[str]:
         """Wait for queued frames and return them all (socket-less use); an
@@ -161,15 +170,36 @@ class Connection:
         catch_up(self, event.session_id)
 
     async def _write_loop(self) -> None:
-        """Send until the queue is empty, then end (the next frame queued
-        starts a new writer). Frames queued meanwhile go out in this run."""
-        ws, queue = self.websocket, self._queue
-        assert ws is not None and queue is not None
+        """Send until the queue is empty, then linger up to
+        :data:`WRITER_LINGER_S` for the next frame and end if none comes: an
+        idle socket keeps no writer task, while a socket in a stream reuses
+        its writer (waking a task costs much less than starting one per
+        frame). :meth:`send` starts a writer only when there is none, so
+        there is never more than one."""
+        ws = self.websocket
+        assert ws is not None
+        loop = asyncio.get_running_loop()
         sent = 0
         try:
-            while queue:
-                await ws.send_text(queue.popleft())
-                sent += 1
+            while not self.closed:
+                queue = self._queue
+                while queue:
+                    await ws.send_text(queue.popleft())
+                    sent += 1
+                if sent:
+                    metrics.FRAMES_OUT.inc(sent)
+                    sent = 0
+                if self._stopped:
+                    break
+                waiter = self._waiter = loop.create_future()
+                timer = loop.call_later(WRITER_LINGER_S, _settle, waiter)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+                    self._waiter = None
+                if not self._queue:
+                    break
         except Exception:
             # The peer went away; the reader side notices and cleans up.
             self.closed = True
@@ -178,7 +208,7 @@ class Connection:
                 metrics.FRAMES_OUT.inc(sent)
         # No await since the queue was seen empty: nothing was queued after.
         self._writer = None
-        if self._queue is queue and not queue:
+        if not self._queue:
             self._queue = None
 
     def close_soon(self, code: int, reason: str = "") -> None:
@@ -219,6 +249,7 @@ class Connection:
     async def drain_and_stop(self, timeout: float = 2.0) -> None:
         """Flush what is queued (best effort), then stop the writer for good."""
         self._stopped = True
+        self._wake()  # a lingering writer ends now
         writer = self._writer
         if writer is not None and not self.closed and timeout > 0:
             # The writer ends by itself once the queue is empty.
