@@ -24,16 +24,42 @@ from typing import Any
 from chathub.config import Settings
 
 
-class Inbox:
+class _Waiters:
+    """Futures of the tasks waiting on an object, created only while some
+    task waits (an idle socket's objects hold none)."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def _park(self) -> asyncio.Future[None]:
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        return waiter
+
+    def _unpark(self, waiter: asyncio.Future[None]) -> bool:
+        """Forget ``waiter``; False if it was already woken (and removed)."""
+        if self._waiters is None or waiter not in self._waiters:
+            return False
+        self._waiters.remove(waiter)
+        if not self._waiters:
+            self._waiters = None
+        return True
+
+
+class Inbox(_Waiters):
     """What uvicorn's protocol needs of its receive queue: ``put_nowait``,
     ``get`` and ``empty``, for the socket's one reader (a second concurrent
     reader is served too, in order)."""
 
-    __slots__ = ("_items", "_waiters")
+    __slots__ = ("_items",)
 
     def __init__(self) -> None:
+        super().__init__()
         self._items: list[Any] = []
-        self._waiters: list[asyncio.Future[None]] | None = None
 
     def empty(self) -> bool:
         return not self._items
@@ -57,18 +83,11 @@ class Inbox:
 
     async def get(self) -> Any:
         while not self._items:
-            waiter = asyncio.get_running_loop().create_future()
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(waiter)
+            waiter = self._park()
             try:
                 await waiter
             except BaseException:
-                if self._waiters is not None and waiter in self._waiters:
-                    self._waiters.remove(waiter)
-                    if not self._waiters:
-                        self._waiters = None
-                elif self._items:
+                if not self._unpark(waiter) and self._items:
                     self._wake()  # woken, then cancelled: pass the wake-up on
                 raise
         item = self._items.pop(0)
@@ -77,15 +96,15 @@ class Inbox:
         return item
 
 
-class Flag:
+class Flag(_Waiters):
     """``asyncio.Event``'s ``set``/``clear``/``is_set``/``wait``, slotted; its
     waiters' futures exist only while the flag is clear and someone waits."""
 
-    __slots__ = ("_value", "_waiters")
+    __slots__ = ("_value",)
 
     def __init__(self, value: bool = True) -> None:
+        super().__init__()
         self._value = value
-        self._waiters: list[asyncio.Future[None]] | None = None
 
     def is_set(self) -> bool:
         return self._value
@@ -103,15 +122,11 @@ class Flag:
     async def wait(self) -> bool:
         if self._value:
             return True
-        waiter = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(waiter)
+        waiter = self._park()
         try:
             await waiter
         finally:
-            if self._waiters is not None and waiter in self._waiters:
-                self._waiters.remove(waiter)
+            self._unpark(waiter)
         return True
 
 
