@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,19 +23,11 @@ from redis.exceptions import RedisError
 
 from chathub.server.redis_log import RedisSessionLog
 from chathub.server.session_log import Event, MemorySessionLog, SessionLog
-from tests.harness import REDIS_URL
+from tests.harness import REDIS_URL, eventually
 
 pytestmark = pytest.mark.timeout(60)
 
 BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def drop_keys(prefix: str) -> None:

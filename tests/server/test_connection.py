@@ -1,0 +1,133 @@
+"""A socket's send queue and writer (``chathub.server.connection``), on its own.
+
+The socket here is a recording stand-in with Starlette's ``send_text`` and
+``close``; real sockets exercise the same class in test_ws.py. What is
+checked: frames leave in order through one writer at a time, a writer lingers
+for the next frame and then ends (an idle socket keeps no task), and draining
+or closing never waits for the linger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from starlette.websockets import WebSocketState
+
+from chathub.auth import Principal
+from chathub.server import connection as connection_module
+from chathub.server.connection import Connection
+from tests.harness import eventually
+
+LINGER_S = 0.05
+
+
+class RecordingSocket:
+    """Records sent frames; each send yields to the loop once, as a real
+    socket may, and counts how many sends overlap."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.in_send = 0
+        self.most_in_send = 0
+        self.application_state = WebSocketState.CONNECTED
+        self.closed_with: tuple[int, str] | None = None
+
+    async def send_text(self, frame: str) -> None:
+        self.in_send += 1
+        self.most_in_send = max(self.most_in_send, self.in_send)
+        try:
+            await asyncio.sleep(0)
+            self.sent.append(frame)
+        finally:
+            self.in_send -= 1
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.closed_with = (code, reason)
+        self.application_state = WebSocketState.DISCONNECTED
+
+
+@pytest.fixture(autouse=True)
+def short_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(connection_module, "WRITER_LINGER_S", LINGER_S)
+
+
+def new_connection(socket: RecordingSocket, max_queue: int = 1000) -> Connection:
+    principal = Principal(member_id="m", team_id="t", role="member")
+    return Connection(socket, "c1", principal, max_queue)  # type: ignore[arg-type]
+
+
+async def settle(socket: RecordingSocket, sent: int) -> None:
+    """Until ``sent`` frames have gone out."""
+    await eventually(lambda: len(socket.sent) >= sent, timeout_s=2)
+
+
+async def test_frames_leave_in_order_through_one_writer() -> None:
+    socket = RecordingSocket()
+    conn = new_connection(socket)
+    for burst in range(5):
+        for k in range(20):
+            conn.send(f"{burst}-{k}")
+        await asyncio.sleep(0)  # the writer is mid-send while more arrive
+    await settle(socket, 100)
+    assert socket.sent == [f"{b}-{k}" for b in range(5) for k in range(20)]
+    assert socket.most_in_send == 1
+
+
+async def test_a_streaming_socket_reuses_its_writer_and_an_idle_one_keeps_none() -> None:
+    socket = RecordingSocket()
+    conn = new_connection(socket)
+    conn.send("a")
+    writer = conn._writer
+    assert writer is not None
+    await settle(socket, 1)
+    conn.send("b")  # within the linger: the same task sends it
+    await settle(socket, 2)
+    assert conn._writer is writer
+    await asyncio.wait_for(writer, 1)  # no frame for the linger: it ends
+    assert conn._writer is None and conn.queue_depth == 0
+    conn.send("c")  # and the next frame starts a new one
+    assert conn._writer is not None and conn._writer is not writer
+    await settle(socket, 3)
+    assert socket.sent == ["a", "b", "c"]
+
+
+async def test_drain_flushes_the_queue_without_waiting_for_the_linger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(connection_module, "WRITER_LINGER_S", 30.0)
+    socket = RecordingSocket()
+    conn = new_connection(socket)
+    for k in range(10):
+        conn.send(str(k))
+    async with asyncio.timeout(1):
+        await conn.drain_and_stop(timeout=5)
+    assert socket.sent == [str(k) for k in range(10)]
+    assert conn._writer is None
+    conn.send("late")  # stopped for good: no writer starts again
+    assert conn._writer is None
+
+
+async def test_closing_wakes_a_lingering_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(connection_module, "WRITER_LINGER_S", 30.0)
+    socket = RecordingSocket()
+    conn = new_connection(socket)
+    conn.send("x")
+    await settle(socket, 1)
+    writer = conn._writer
+    assert writer is not None and not writer.done()
+    conn.close_soon(4000, "bye")
+    await eventually(lambda: conn.finished, timeout_s=1)
+    assert writer.done() and conn._writer is None
+    assert socket.closed_with == (4000, "bye")
+
+
+async def test_a_full_queue_closes_the_socket_as_slow() -> None:
+    socket = RecordingSocket()
+    conn = new_connection(socket, max_queue=3)
+    for k in range(4):  # no await: the writer has not run yet
+        conn.send(str(k))
+    assert conn.closed and conn.close_code == connection_module.CLOSE_SLOW
+    await eventually(lambda: conn.finished, timeout_s=1)
+    assert socket.closed_with is not None and socket.closed_with[0] == 4408
+    assert socket.sent == []
