@@ -8,6 +8,13 @@ Most sockets of a hub are idle, so an idle one holds as little as it can: the
 writer task exists only while there are frames to send (it is started by the
 first frame queued and ends once the queue is empty), and there are no
 ``asyncio.Event`` objects (each holds a deque of waiters, about 400 bytes).
+
+Served by chathub's own uvicorn protocol (:mod:`chathub.server.ws_protocol`),
+a frame usually needs no queue and no writer at all: when nothing is queued
+or being sent and the socket's transport takes data, :meth:`Connection.send`
+writes the frame at once. Only a socket whose transport is paused (its peer
+reads slower than we write) builds up a queue, which its writer sends in
+one write once the transport takes data again.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +31,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from chathub.auth import Principal
 from chathub.server import metrics
+from chathub.server.ws_protocol import SEND_NOW
 
 if TYPE_CHECKING:
     from chathub.server.session_log import Event
@@ -53,6 +61,15 @@ def _settle(waiter: asyncio.Future[None]) -> None:
 
 
 CatchUp = Callable[["Connection", str], None]
+SendNow = Callable[[Iterable[str]], bool]
+
+
+def _send_now_of(websocket: WebSocket | None) -> SendNow | None:
+    """The socket's synchronous send, if its ASGI server offers one."""
+    if websocket is None:
+        return None
+    extension = (websocket.scope.get("extensions") or {}).get(SEND_NOW)
+    return extension.get("send_texts") if extension else None
 
 
 @dataclass(slots=True)
@@ -70,6 +87,7 @@ class Connection:
 
     __slots__ = (
         "_queue",
+        "_send_now",
         "_stopped",
         "_waiter",
         "_writer",
@@ -115,12 +133,24 @@ class Connection:
         self._stopped = False
         # What take() (socket-less use) or a lingering writer waits on.
         self._waiter: asyncio.Future[None] | None = None
+        self._send_now = _send_now_of(websocket)
 
     def send(self, frame: str) -> None:
         """Queue a frame; never blocks. Overflow closes the socket as slow."""
         if self.closed:
             return
         queue = self._queue
+        if (
+            not queue
+            and self._send_now is not None
+            and not self._stopped
+            # No writer, or one lingering for the next frame: none is in
+            # the middle of a send this frame could overtake.
+            and (self._writer is None or self._waiter is not None)
+            and self._send_now((frame,))
+        ):
+            metrics.FRAMES_OUT.inc()
+            return
         if queue is None:
             queue = self._queue = deque()
         if len(queue) >= self.max_queue:
@@ -178,12 +208,17 @@ class Connection:
         there is never more than one."""
         ws = self.websocket
         assert ws is not None
+        send_now = self._send_now
         loop = asyncio.get_running_loop()
         sent = 0
         try:
             while not self.closed:
                 queue = self._queue
                 while queue:
+                    if send_now is not None and send_now(queue):
+                        sent += len(queue)  # the whole backlog in one write
+                        queue.clear()
+                        break
                     await ws.send_text(queue.popleft())
                     sent += 1
                 if sent:

@@ -12,6 +12,17 @@ behaviour and holds less:
   the handshake is done: the scope keeps its own copy of the request headers
   and nothing reads either object afterwards.
 
+It also offers the application a way to send without a task switch per
+frame, as the ASGI extension :data:`SEND_NOW` in the connection's scope:
+``scope["extensions"][SEND_NOW]["send_texts"](texts)`` writes the texts as
+text frames in one transport write, at once, and returns True; or writes
+nothing and returns False when the socket is not open or its transport is
+paused (the peer is not reading), and the caller takes the ordinary
+awaitable ``websocket.send`` path, which waits for the transport. A hub
+fanning one event out to many sockets then costs one synchronous write per
+socket instead of a task wake-up and a coroutine chain per frame, and a
+socket with a backlog sends it in one write.
+
 ``ws_protocol_class()`` falls back to uvicorn's default when its sansio
 implementation cannot be imported.
 """
@@ -19,9 +30,13 @@ implementation cannot be imported.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from chathub.config import Settings
+
+SEND_NOW = "chathub.websocket.send_now"
+"""The scope extension of :class:`LeanWebSocketProtocol`'s synchronous send."""
 
 
 class _Waiters:
@@ -135,6 +150,7 @@ def _lean_protocol_class() -> type[asyncio.Protocol] | None:
         from uvicorn.protocols.websockets.websockets_sansio_impl import (
             WebSocketsSansIOProtocol,
         )
+        from websockets.protocol import State
     except ImportError:  # pragma: no cover - uvicorn or websockets too old
         return None
 
@@ -154,6 +170,28 @@ def _lean_protocol_class() -> type[asyncio.Protocol] | None:
             self.request = None  # type: ignore[assignment]
             if self.handshake_complete:  # rejected by websockets: sent and done
                 self._forget_response()
+            else:
+                self.scope["extensions"][SEND_NOW] = {"send_texts": self.send_texts_now}
+
+        def send_texts_now(self, texts: Iterable[str]) -> bool:
+            """Write ``texts`` as text frames in one transport write if the
+            socket is open and the transport takes data; else write nothing
+            and return False."""
+            if (
+                not self.writable.is_set()
+                or self.close_sent
+                or self.disconnected
+                or not self.handshake_complete
+                or self.initial_response is not None
+                or self.conn.state is not State.OPEN
+                or self.transport.is_closing()
+            ):
+                return False
+            conn = self.conn
+            for text in texts:
+                conn.send_text(text.encode())
+            self.transport.write(b"".join(conn.data_to_send()))
+            return True
 
         def start_keepalive(self) -> None:
             # uvicorn calls this right after writing the 101 response: the

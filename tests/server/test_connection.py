@@ -1,10 +1,13 @@
 """A socket's send queue and writer (``chathub.server.connection``), on its own.
 
 The socket here is a recording stand-in with Starlette's ``send_text`` and
-``close``; real sockets exercise the same class in test_ws.py. What is
-checked: frames leave in order through one writer at a time, a writer lingers
-for the next frame and then ends (an idle socket keeps no task), and draining
-or closing never waits for the linger.
+``close``, and, for :class:`DirectSocket`, the synchronous send that
+chathub's uvicorn protocol offers in the scope; real sockets exercise the
+same class in test_ws.py. What is checked: frames leave in order through one
+writer at a time, a writer lingers for the next frame and then ends (an idle
+socket keeps no task), draining or closing never waits for the linger, and
+with the synchronous send a frame goes out at once while the transport takes
+data and queues, in order, while it is paused.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from starlette.websockets import WebSocketState
 from chathub.auth import Principal
 from chathub.server import connection as connection_module
 from chathub.server.connection import Connection
+from chathub.server.ws_protocol import SEND_NOW
 from tests.harness import eventually
 
 LINGER_S = 0.05
@@ -32,6 +36,7 @@ class RecordingSocket:
         self.most_in_send = 0
         self.application_state = WebSocketState.CONNECTED
         self.closed_with: tuple[int, str] | None = None
+        self.scope: dict[str, object] = {"type": "websocket", "extensions": {}}
 
     async def send_text(self, frame: str) -> None:
         self.in_send += 1
@@ -45,6 +50,46 @@ class RecordingSocket:
     async def close(self, code: int = 1000, reason: str = "") -> None:
         self.closed_with = (code, reason)
         self.application_state = WebSocketState.DISCONNECTED
+
+
+class DirectSocket(RecordingSocket):
+    """Also offers the synchronous send; its transport can be paused, which
+    makes that send refuse and ``send_text`` wait, as uvicorn's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self.writes: list[list[str]] = []  # one entry per synchronous write
+        self.scope = {"type": "websocket", "extensions": {SEND_NOW: {"send_texts": self.now}}}
+
+    @property
+    def writable(self) -> bool:
+        return self._resumed.is_set()
+
+    @writable.setter
+    def writable(self, value: bool) -> None:
+        if value:
+            self._resumed.set()
+        else:
+            self._resumed.clear()
+
+    def now(self, texts: list[str]) -> bool:
+        if not self.writable:
+            return False
+        batch = list(texts)
+        self.writes.append(batch)
+        self.sent.extend(batch)
+        return True
+
+    async def send_text(self, frame: str) -> None:
+        self.in_send += 1
+        self.most_in_send = max(self.most_in_send, self.in_send)
+        try:
+            await self._resumed.wait()
+            self.sent.append(frame)
+        finally:
+            self.in_send -= 1
 
 
 @pytest.fixture(autouse=True)
@@ -131,3 +176,51 @@ async def test_a_full_queue_closes_the_socket_as_slow() -> None:
     await eventually(lambda: conn.finished, timeout_s=1)
     assert socket.closed_with is not None and socket.closed_with[0] == 4408
     assert socket.sent == []
+
+
+async def test_frames_go_out_at_once_with_no_task_while_the_transport_takes_data() -> None:
+    socket = DirectSocket()
+    conn = new_connection(socket)
+    for k in range(10):
+        conn.send(str(k))
+    # No await: each frame was written before send() returned.
+    assert socket.sent == [str(k) for k in range(10)]
+    assert socket.writes == [[str(k)] for k in range(10)]
+    assert conn._writer is None and conn.queue_depth == 0
+
+
+async def test_a_paused_transport_queues_frames_and_keeps_their_order() -> None:
+    socket = DirectSocket()
+    conn = new_connection(socket, max_queue=100)
+    conn.send("a")
+    socket.writable = False  # the peer stopped reading
+    for frame in ("b", "c", "d"):
+        conn.send(frame)
+    assert conn.queue_depth == 3 and conn._writer is not None
+    await asyncio.sleep(0.01)  # the writer took "b" and waits for the transport
+    assert conn.queue_depth == 2
+    conn.send("e")  # the queue is not empty: it must not overtake b, c, d
+    socket.writable = True
+    await settle(socket, 5)
+    assert socket.sent == ["a", "b", "c", "d", "e"]
+    # "b" went by the awaitable path; the backlog behind it in one write.
+    assert socket.writes == [["a"], ["c", "d", "e"]]
+    writer = conn._writer
+    assert writer is not None  # lingering
+    conn.send("f")  # a lingering writer is in no send: "f" goes at once
+    assert socket.sent[-1] == "f" and socket.writes[-1] == ["f"]
+    await asyncio.wait_for(writer, 1)
+    assert conn._writer is None and conn.queue_depth == 0
+
+
+async def test_a_frame_never_overtakes_one_the_writer_is_sending() -> None:
+    socket = DirectSocket()
+    conn = new_connection(socket, max_queue=100)
+    socket.writable = False
+    conn.send("first")
+    await asyncio.sleep(0.01)  # the writer holds "first", waiting: queue empty
+    assert conn.queue_depth == 0 and socket.sent == []
+    socket.writable = True  # writable again, before the writer runs
+    conn.send("second")
+    await settle(socket, 2)
+    assert socket.sent == ["first", "second"]

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+import uvicorn
+import websockets
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from chathub.server.ws_protocol import Flag, Inbox, ws_protocol_class
+from chathub.server.ws_protocol import SEND_NOW, Flag, Inbox, ws_protocol_class
+from tests.harness import eventually
 
 
 def test_serves_with_the_lean_subclass_of_uvicorns_sansio_protocol() -> None:
@@ -49,3 +53,52 @@ async def test_flag_blocks_only_while_clear() -> None:
     assert not waiter.done()
     flag.set()
     assert await asyncio.wait_for(waiter, 1)
+
+
+async def test_the_synchronous_send_writes_frames_in_order_and_refuses_once_closed() -> None:
+    """Over a real socket: the scope offers the extension; a batch arrives as
+    separate frames, in order; after the peer closes, it writes nothing."""
+    results: dict[str, Any] = {}
+    done = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        send_texts = scope["extensions"][SEND_NOW]["send_texts"]
+        results["before_accept"] = send_texts(["too early"])
+        await send({"type": "websocket.accept"})
+        results["batch"] = send_texts(["one", "two", "three"])
+        results["single"] = send_texts(["four"])
+        message = await receive()  # the client's close
+        results["closed_with"] = message.get("code")
+        results["after_close"] = send_texts(["too late"])
+        done.set()
+
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        lifespan="off",
+        ws=ws_protocol_class(),
+        ws_ping_interval=None,
+    )
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started, timeout_s=5)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        async with websockets.connect(f"ws://127.0.0.1:{port}/") as client:
+            received = [await asyncio.wait_for(client.recv(), 5) for _ in range(4)]
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 5)
+    assert received == ["one", "two", "three", "four"]
+    assert results == {
+        "before_accept": False,
+        "batch": True,
+        "single": True,
+        "closed_with": 1000,
+        "after_close": False,
+    }
