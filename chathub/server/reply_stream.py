@@ -6,6 +6,13 @@ or blocks patterns split across any number of tokens), then the coalescer
 log. Guarantees: the deltas appended, concatenated, are :attr:`text`; no
 redacted span ever reaches the log; after a block nothing more is written
 but the policy's safe message.
+
+With coalescing on, a token is only collected: the filter sees the tokens
+of a delta together, once the delta is due (``coalesce_s`` after its first
+token, or ``coalesce_chars`` collected). The filter's output does not depend
+on how its input is cut, so the text is the same; a token then costs an
+append instead of a filter step. With coalescing off every token goes
+through the filter at once, and every release is a delta.
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ class DeltaWriter:
         self._buffer: list[str] = []
         self._buffered = 0
         self._buffered_at = 0.0
+        self._raw: list[str] = []  # tokens collected for the next delta
+        self._raw_chars = 0
+        self._raw_timer: asyncio.TimerHandle | None = None
         self._pending: list[tuple[str, str]] = []  # guardrail actions to announce
         self._lock = asyncio.Lock()
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -67,13 +77,51 @@ class DeltaWriter:
         """One provider token."""
         if self.blocked:
             return
-        now = self._loop.time()
-        if self._accept(self.filter.feed(token, now), now):
-            if self._append_now is not None and not self._tasks and not self._lock.locked():
-                self._flush_now(self._append_now)
+        if self.coalesce_s > 0:
+            if not self._raw:
+                self._raw_timer = self._loop.call_later(self.coalesce_s, self._raw_due)
+            self._raw.append(token)
+            self._raw_chars += len(token)
+            if self._raw_chars < self.coalesce_chars:
+                return
+            self._filter_raw(self._loop.time())
+            due = bool(self._buffer or self._pending)
+        else:
+            now = self._loop.time()
+            due = self._accept(self.filter.feed(token, now), now)
+        if due:
+            if self._can_flush_now():
+                self._flush_now(self._append_now)  # type: ignore[arg-type]
             else:
                 await self._flush()
         self._arm_poll()
+
+    def _filter_raw(self, now: float) -> None:
+        """Pass the collected tokens through the filter, as one chunk."""
+        if self._raw_timer is not None:
+            self._raw_timer.cancel()
+            self._raw_timer = None
+        if self._raw:
+            chunk = "".join(self._raw)
+            self._raw.clear()
+            self._raw_chars = 0
+            if not self.blocked:
+                self._accept(self.filter.feed(chunk, now), now)
+
+    def _raw_due(self) -> None:
+        """The coalescing time of the collected tokens is over: filter them
+        and write what the filter releases."""
+        self._raw_timer = None
+        self._filter_raw(self._loop.time())
+        if self._buffer or self._pending:
+            if self._can_flush_now():
+                self._flush_now(self._append_now)  # type: ignore[arg-type]
+            else:
+                self._spawn_flush()
+        self._arm_poll()
+
+    def _can_flush_now(self) -> bool:
+        return self._append_now is not None and not self._tasks and not self._lock.locked()
 
     async def finish(self) -> None:
         """End of the stream (or cancel, or failure): release what the filter
@@ -82,6 +130,7 @@ class DeltaWriter:
             if timer is not None:
                 timer.cancel()
         self._flush_timer = self._poll_timer = None
+        self._filter_raw(self._loop.time())
         if not self.blocked and not self.filter.blocked:
             try:
                 out = self.filter.flush(self._loop.time())

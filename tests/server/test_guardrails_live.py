@@ -19,14 +19,16 @@ KEY = "sk-ant-api03-Zx8QwErTyUiOp1234567890AbCdEfGhIjKl"
 REPLY = f"Write to {EMAIL} and pay with {CARD}. The key is {KEY} ok. Thanks!"
 
 
-@pytest.fixture
-async def leaky(tmp_path: Path) -> AsyncIterator[RunningServer]:
+@pytest.fixture(params=[0, 30], ids=["coalescing-off", "coalescing-30ms"])
+async def leaky(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[RunningServer]:
+    # Off, every token goes through the filter; on, the tokens of a delta
+    # go through it together. The wire and the stored text are the same.
     server = await start_server(
         test_settings(
             f"sqlite+aiosqlite:///{tmp_path / 'g.db'}",
             tmp_path,
             llm=f"scripted://?chunk=3&text={quote(REPLY)}",
-            coalesce_ms=0,
+            coalesce_ms=request.param,
         )
     )
     try:

@@ -1,0 +1,125 @@
+"""The reply stream: provider tokens → output guardrail → coalescer → log,
+with coalescing off (the filter sees every token) and on (it sees the
+tokens of a delta together, once the delta is due)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chathub.llm.guardrails import Policy, redact_all
+from chathub.server.reply_stream import DeltaWriter
+from chathub.server.session_log import Event, MemorySessionLog
+
+TEXT = (
+    "Sure. Write to ana.lopez@example.com, or call +44 20 7946 0958. "
+    "Card 4111 1111 1111 1111 works; the key sk-ant-api03-Zx8QwErTyUiOp1234567890AbCd "
+    "is not for sharing. That is all for today! " * 3
+)
+SECRETS = ("ana.lopez", "7946 0958", "1111 1111", "Zx8QwErTy")
+
+
+def _writer(log: MemorySessionLog, *, coalesce_s: float, coalesce_chars: int = 512) -> DeltaWriter:
+    return DeltaWriter(
+        log=log,
+        session_id="s1",
+        reply_id="r1",
+        policy=Policy.default(),
+        holdback_chars=128,
+        holdback_ms=250,
+        coalesce_s=coalesce_s,
+        coalesce_chars=coalesce_chars,
+    )
+
+
+def _events(log: MemorySessionLog) -> list[Event]:
+    seen: list[Event] = []
+    log.add_listener(seen.append)
+    return seen
+
+
+def _deltas(events: list[Event]) -> list[str]:
+    return [e.data()["text"] for e in events if e.type == "reply.delta"]
+
+
+@pytest.mark.parametrize("coalesce_s", [0.0, 0.03], ids=["off", "30ms"])
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+async def test_deltas_equal_the_whole_text_filter_however_it_is_cut(
+    coalesce_s: float, size: int
+) -> None:
+    log = MemorySessionLog()
+    events = _events(log)
+    writer = _writer(log, coalesce_s=coalesce_s, coalesce_chars=64)
+    for i in range(0, len(TEXT), size):
+        await writer.write(TEXT[i : i + size])
+        if i % 50 == 0:
+            await asyncio.sleep(0)
+    await writer.finish()
+    deltas = _deltas(events)
+    expected = redact_all(TEXT, Policy.default())
+    assert "".join(deltas) == expected.text == writer.text
+    for secret in SECRETS:
+        assert all(secret not in d for d in deltas)
+    rules = sorted(e.data()["rule"] for e in events if e.type == "reply.guardrail")
+    assert rules == sorted(rule for _, rule in expected.actions)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_with_coalescing_on_a_token_is_only_collected_until_the_delta_is_due() -> None:
+    log = MemorySessionLog()
+    events = _events(log)
+    writer = _writer(log, coalesce_s=0.05, coalesce_chars=100)
+    plain = "a few words " * 50  # 600 characters
+    for i in range(0, len(plain), 2):
+        await writer.write(plain[i : i + 2])
+    # The size limit: one delta per 100 characters collected (less what the
+    # filter holds back: the word being typed).
+    deltas = _deltas(events)
+    assert len(deltas) == 6
+    assert all(90 <= len(d) <= 110 for d in deltas)
+    await writer.finish()
+    assert "".join(_deltas(events)) == plain
+
+
+async def test_with_coalescing_on_collected_tokens_are_written_when_their_time_is_up() -> None:
+    log = MemorySessionLog()
+    events = _events(log)
+    writer = _writer(log, coalesce_s=0.03, coalesce_chars=512)
+    for token in ("Hello", " there,", " friend. "):
+        await writer.write(token)
+    assert _deltas(events) == []  # collected, not yet due
+    await asyncio.sleep(0.1)
+    # Due: filtered and written without another token or finish().
+    assert "".join(_deltas(events)) == "Hello there, friend. "
+    await writer.write("Bye")
+    await writer.finish()
+    assert "".join(_deltas(events)) == "Hello there, friend. Bye"
+
+
+async def test_with_coalescing_on_a_blocked_phrase_ends_the_output() -> None:
+    log = MemorySessionLog()
+    events = _events(log)
+    policy = Policy.from_dict({"blocklist": ["pay with"], "safe_message": "Sorry."})
+    writer = DeltaWriter(
+        log=log,
+        session_id="s1",
+        reply_id="r1",
+        policy=policy,
+        holdback_chars=128,
+        holdback_ms=250,
+        coalesce_s=0.03,
+        coalesce_chars=16,
+    )
+    text = "You could pay with a card, then more text follows here."
+    for i in range(0, len(text), 3):
+        await writer.write(text[i : i + 3])
+        if writer.blocked:
+            break
+    await writer.finish()
+    streamed = "".join(_deltas(events))
+    assert writer.blocked
+    assert streamed == "You could Sorry."
+    assert ("blocked", "blocklist") in [
+        (e.data()["action"], e.data()["rule"]) for e in events if e.type == "reply.guardrail"
+    ]
