@@ -30,6 +30,7 @@ implementation cannot be imported.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -37,6 +38,41 @@ from chathub.config import Settings
 
 SEND_NOW = "chathub.websocket.send_now"
 """The scope extension of :class:`LeanWebSocketProtocol`'s synchronous send."""
+
+
+def text_frame(text: str) -> bytes:
+    """``text`` as one unmasked, uncompressed WebSocket text frame (RFC 6455
+    5.2), as a server sends it: the same bytes for every socket."""
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, n))
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, n)
+    return head + payload
+
+
+class _WireCache:
+    """The last text framed and its frame: a hub sends one event's text to
+    every joined socket in a row, so it is framed once, not once per socket.
+    (Kept by identity, not equality: no hashing or comparing of the text.)"""
+
+    __slots__ = ("frame", "text")
+
+    def __init__(self) -> None:
+        self.text: str | None = None
+        self.frame = b""
+
+    def of(self, text: str) -> bytes:
+        if text is not self.text:
+            self.frame = text_frame(text)
+            self.text = text
+        return self.frame
+
+
+_WIRE = _WireCache()
 
 
 class _Waiters:
@@ -188,9 +224,13 @@ def _lean_protocol_class() -> type[asyncio.Protocol] | None:
             ):
                 return False
             conn = self.conn
-            for text in texts:
-                conn.send_text(text.encode())
-            self.transport.write(b"".join(conn.data_to_send()))
+            if conn.extensions or conn.expect_continuation_frame:
+                # Compressed (per socket, with its own context): websockets frames it.
+                for text in texts:
+                    conn.send_text(text.encode())
+                self.transport.write(b"".join(conn.data_to_send()))
+            else:
+                self.transport.write(b"".join(map(_WIRE.of, texts)))
             return True
 
         def start_keepalive(self) -> None:

@@ -9,8 +9,9 @@ import pytest
 import uvicorn
 import websockets
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
 
-from chathub.server.ws_protocol import SEND_NOW, Flag, Inbox, ws_protocol_class
+from chathub.server.ws_protocol import SEND_NOW, Flag, Inbox, text_frame, ws_protocol_class
 from tests.harness import eventually
 
 
@@ -55,23 +56,35 @@ async def test_flag_blocks_only_while_clear() -> None:
     assert await asyncio.wait_for(waiter, 1)
 
 
-async def test_the_synchronous_send_writes_frames_in_order_and_refuses_once_closed() -> None:
-    """Over a real socket: the scope offers the extension; a batch arrives as
-    separate frames, in order; after the peer closes, it writes nothing."""
-    results: dict[str, Any] = {}
+LONG = "ñ" * 40_000  # 80,000 bytes: the 8-byte length form
+
+
+@pytest.mark.parametrize("compression", [False, True], ids=["plain", "deflate"])
+async def test_the_synchronous_send_writes_frames_in_order_and_refuses_once_closed(
+    compression: bool,
+) -> None:
+    """Over real sockets: the scope offers the extension; a batch arrives as
+    separate frames, in order, the same texts on two sockets (framed once,
+    or per socket when compressed); after the peer closes, nothing is
+    written."""
+    results: list[dict[str, Any]] = []
     done = asyncio.Event()
+    texts = ["one", "x" * 200, LONG]
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        result: dict[str, Any] = {}
+        results.append(result)
         assert (await receive())["type"] == "websocket.connect"
         send_texts = scope["extensions"][SEND_NOW]["send_texts"]
-        results["before_accept"] = send_texts(["too early"])
+        result["before_accept"] = send_texts(["too early"])
         await send({"type": "websocket.accept"})
-        results["batch"] = send_texts(["one", "two", "three"])
-        results["single"] = send_texts(["four"])
+        result["batch"] = send_texts(texts)
+        result["single"] = send_texts(["four"])
         message = await receive()  # the client's close
-        results["closed_with"] = message.get("code")
-        results["after_close"] = send_texts(["too late"])
-        done.set()
+        result["closed_with"] = message.get("code")
+        result["after_close"] = send_texts(["too late"])
+        if len(results) == 2 and all("after_close" in r for r in results):
+            done.set()
 
     config = uvicorn.Config(
         app,
@@ -81,24 +94,46 @@ async def test_the_synchronous_send_writes_frames_in_order_and_refuses_once_clos
         lifespan="off",
         ws=ws_protocol_class(),
         ws_ping_interval=None,
+        ws_per_message_deflate=compression,
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
+    received: list[list[str | bytes]] = []
     try:
         await eventually(lambda: server.started, timeout_s=5)
         port = server.servers[0].sockets[0].getsockname()[1]
-        async with websockets.connect(f"ws://127.0.0.1:{port}/") as client:
-            received = [await asyncio.wait_for(client.recv(), 5) for _ in range(4)]
+        url = f"ws://127.0.0.1:{port}/"
+        async with (
+            websockets.connect(url, max_size=None) as a,
+            websockets.connect(url, max_size=None) as b,
+        ):
+            for client in (a, b):
+                negotiated = client.response.headers.get("Sec-WebSocket-Extensions")
+                assert bool(negotiated) is compression
+                received.append([await asyncio.wait_for(client.recv(), 5) for _ in range(4)])
         await asyncio.wait_for(done.wait(), 5)
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 5)
-    assert received == ["one", "two", "three", "four"]
-    assert results == {
-        "before_accept": False,
-        "batch": True,
-        "single": True,
-        "closed_with": 1000,
-        "after_close": False,
-    }
+    assert received == [[*texts, "four"]] * 2
+    assert (
+        results
+        == [
+            {
+                "before_accept": False,
+                "batch": True,
+                "single": True,
+                "closed_with": 1000,
+                "after_close": False,
+            }
+        ]
+        * 2
+    )
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_a_text_frame_is_framed_as_websockets_frames_it(size: int) -> None:
+    text = ("añb" * size)[:size]  # multi-byte characters: the length is in bytes
+    expected = Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
+    assert text_frame(text) == expected
