@@ -115,9 +115,8 @@ class ReplyReaper:
                 stop_reason="error",
                 usage=None,
             )
-            stored = await repo.get_message(db, team_id=row.team_id, message_id=reply_id)
-            view = message_view(stored)
-        if not finished:
+            view = message_view(finished) if finished is not None else None
+        if view is None:
             return False
         event = await append_surely(
             self.log,

@@ -264,6 +264,7 @@ class Replies:
                 mode=mode.name,
                 file_ids=file_ids,
                 message_id=message_id,
+                looked_up=True,
             )
             reply = await repo.add_reply_message(
                 db,
@@ -484,9 +485,8 @@ class Replies:
                     usage=usage_view,
                     trace={"steps": run.trace} if run.trace else None,
                 )
-                stored = await repo.get_message(db, team_id=run.team_id, message_id=run.reply_id)
-                view = message_view(stored)
-            if not finished:
+                view = message_view(finished) if finished is not None else None
+            if view is None:
                 # Already ended elsewhere (a reaper): never a second ending.
                 log.warning("reply %s was already ended; not ending it again", run.reply_id)
                 return

@@ -122,14 +122,18 @@ async def add_user_message(
     mode: str,
     file_ids: list[str] | None = None,
     message_id: str | None = None,
+    looked_up: bool = False,
 ) -> tuple[Message, bool]:
     """Store a user message; returns ``(message, created)``. A second call with
-    the same ``client_msg_id`` returns the stored message and ``False``."""
-    existing = await find_by_client_msg_id(
-        session, session_id=session_id, client_msg_id=client_msg_id
-    )
-    if existing is not None:
-        return existing, False
+    the same ``client_msg_id`` returns the stored message and ``False``.
+    ``looked_up``: the caller has just found no such message in this
+    transaction (a concurrent insert is still caught)."""
+    if not looked_up:
+        existing = await find_by_client_msg_id(
+            session, session_id=session_id, client_msg_id=client_msg_id
+        )
+        if existing is not None:
+            return existing, False
     message = Message(
         id=message_id or new_id(),
         team_id=team_id,
@@ -191,10 +195,11 @@ async def finish_reply_message(
     stop_reason: str | None,
     usage: dict[str, Any] | None,
     trace: dict[str, Any] | None = None,
-) -> bool:
-    """Set the final text once; a reply already finished is left as it is
-    (then this returns False)."""
-    result = await session.execute(
+) -> Message | None:
+    """Set the final text once and return the finished reply, read back in
+    the same statement; a reply already finished is left as it is (then this
+    returns None)."""
+    finished: Message | None = await session.scalar(
         update(Message)
         .where(Message.id == message_id, Message.status == "streaming")
         .values(
@@ -205,8 +210,9 @@ async def finish_reply_message(
             trace=trace,
             completed_at=utcnow(),
         )
+        .returning(Message)
     )
-    return bool(getattr(result, "rowcount", 0))
+    return finished
 
 
 async def reply_by_id(session: AsyncSession, *, reply_id: str) -> Message | None:
