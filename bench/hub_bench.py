@@ -1091,7 +1091,7 @@ PROFILE_BUCKETS = [
         ("Connection._write_loop",),
     ),
     (
-        "per delta: session log append -> Event.build -> hub fan-out -> socket queues",
+        "per delta: session log append -> Event.build -> hub fan-out -> socket send or queue",
         ("MemorySessionLog.append", "Replies._flush"),
     ),
     (
