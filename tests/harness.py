@@ -100,18 +100,14 @@ class RunningServer:
             await asyncio.wait_for(self._task, 15)
 
 
-async def start_server(settings: Settings, *, migrate: bool = True) -> RunningServer:
-    app = create_app(settings, migrate=migrate)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        lifespan="on",
-        **uvicorn_settings(settings),
-        ws_ping_interval=None,
+async def serve(app: Any, **config: Any) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+    """Serve an ASGI app with uvicorn on a free loopback port, in this loop;
+    returns the server, its task and the port once it listens."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", ws_ping_interval=None, **config
+        )
     )
-    server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     for _ in range(500):
@@ -121,7 +117,12 @@ async def start_server(settings: Settings, *, migrate: bool = True) -> RunningSe
     if task.done():
         task.result()
         raise RuntimeError("server stopped during startup")
-    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, server.servers[0].sockets[0].getsockname()[1]
+
+
+async def start_server(settings: Settings, *, migrate: bool = True) -> RunningServer:
+    app = create_app(settings, migrate=migrate)
+    server, task, port = await serve(app, lifespan="on", **uvicorn_settings(settings))
     return RunningServer(settings, port, app.state.chathub, server, task)
 
 

@@ -6,13 +6,12 @@ import asyncio
 from typing import Any
 
 import pytest
-import uvicorn
 import websockets
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
 from chathub.server.ws_protocol import SEND_NOW, Flag, Inbox, text_frame, ws_protocol_class
-from tests.harness import eventually
+from tests.harness import serve
 
 
 def test_serves_with_the_lean_subclass_of_uvicorns_sansio_protocol() -> None:
@@ -86,23 +85,11 @@ async def test_the_synchronous_send_writes_frames_in_order_and_refuses_once_clos
         if len(results) == 2 and all("after_close" in r for r in results):
             done.set()
 
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        lifespan="off",
-        ws=ws_protocol_class(),
-        ws_ping_interval=None,
-        ws_per_message_deflate=compression,
+    server, task, port = await serve(
+        app, lifespan="off", ws=ws_protocol_class(), ws_per_message_deflate=compression
     )
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
     received: list[list[str | bytes]] = []
     try:
-        await eventually(lambda: server.started, timeout_s=5)
-        port = server.servers[0].sockets[0].getsockname()[1]
         url = f"ws://127.0.0.1:{port}/"
         async with (
             websockets.connect(url, max_size=None) as a,
