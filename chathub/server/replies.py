@@ -110,6 +110,8 @@ class ReplyRun:
     first_token_at: float | None = None
     dropped: int = 0
     lost: bool = False
+    ending: bool = False
+    """Generation is over and the reply is being stored and announced."""
     released: bool = False
     trace: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
@@ -386,12 +388,22 @@ class Replies:
         ttl = self.settings.lease_ttl_s
         while True:
             await asyncio.sleep(ttl / 3)
+            if run.released:
+                return
             try:
                 if await self.leases.renew(run.session_id, run.reply_id, ttl):
                     continue
+                if run.ending or run.released:
+                    # Generation is over: a lease the store forgot is not
+                    # taken again, or the session would stay held after the
+                    # reply ended until that lease lapsed.
+                    return
                 # Lost: either the store forgot it (a Redis restart), then take
                 # it again, or another reply now holds the session.
                 if await self.leases.acquire(run.session_id, run.reply_id, self.instance_id, ttl):
+                    if run.ending or run.released:
+                        await self.leases.release(run.session_id, run.reply_id)
+                        return
                     continue
             except Exception as exc:
                 log.warning("lease renewal of %s failed: %s", run.reply_id, exc)
@@ -454,6 +466,7 @@ class Replies:
         await self._finish(run, failure)
 
     async def _finish(self, run: ReplyRun, failure: ProviderError | None) -> None:
+        run.ending = True
         if run.lost:
             failure = ProviderError("the reply was taken over", retryable=True)
         try:
