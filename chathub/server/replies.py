@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chathub.auth import Principal
@@ -113,6 +114,8 @@ class ReplyRun:
     ending: bool = False
     """Generation is over and the reply is being stored and announced."""
     released: bool = False
+    last_seq: int = 0
+    """The seq of the last event this reply appended outside its writer."""
     trace: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
 
@@ -193,11 +196,38 @@ class Replies:
             return await self._store_and_start(
                 principal, session_id, client_msg_id, content, mode_name, file_ids, leased
             )
-        except BaseException:
+        except BaseException as exc:
             if leased:
                 with contextlib.suppress(Exception):
                     await self.leases.release(session_id, leased[0])
+            if isinstance(exc, IntegrityError):
+                # The same message, sent at once to another instance, was
+                # stored first: answer as to a resend.
+                duplicate = await self._duplicate(principal, session_id, client_msg_id)
+                if duplicate is not None:
+                    return duplicate
             raise
+
+    async def _duplicate(
+        self, principal: Principal, session_id: str, client_msg_id: str
+    ) -> SendResult | None:
+        async with self.sessionmaker() as db:
+            await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
+            return await self._stored(db, session_id, client_msg_id)
+
+    async def _stored(
+        self, db: AsyncSession, session_id: str, client_msg_id: str
+    ) -> SendResult | None:
+        """The result of the first send of ``client_msg_id``, if it was stored."""
+        existing = await repo.find_by_client_msg_id(
+            db, session_id=session_id, client_msg_id=client_msg_id
+        )
+        if existing is None:
+            return None
+        reply = await repo.reply_for(db, user_message_id=existing.id)
+        return SendResult(
+            message=message_view(existing), reply_id=reply.id if reply else None, duplicate=True
+        )
 
     async def _store_and_start(
         self,
@@ -211,16 +241,9 @@ class Replies:
     ) -> SendResult:
         async with transaction(self.sessionmaker) as db:
             chat = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
-            existing = await repo.find_by_client_msg_id(
-                db, session_id=session_id, client_msg_id=client_msg_id
-            )
-            if existing is not None:
-                reply = await repo.reply_for(db, user_message_id=existing.id)
-                return SendResult(
-                    message=message_view(existing),
-                    reply_id=reply.id if reply else None,
-                    duplicate=True,
-                )
+            stored = await self._stored(db, session_id, client_msg_id)
+            if stored is not None:
+                return stored
             if session_id in self._by_session:
                 raise Conflict("a reply is already being generated in this session")
             if len(content) > self.settings.max_message_chars:
@@ -256,7 +279,7 @@ class Replies:
             ):
                 raise Conflict("a reply is already being generated in this session")
             leased.append(reply_id)
-            user_message, _ = await repo.add_user_message(
+            view = await repo.add_turn(
                 db,
                 team_id=principal.team_id,
                 session_id=session_id,
@@ -264,17 +287,9 @@ class Replies:
                 client_msg_id=client_msg_id,
                 author_id=principal.member_id,
                 mode=mode.name,
+                model=self.provider_for(mode).model,
                 file_ids=file_ids,
                 message_id=message_id,
-                looked_up=True,
-            )
-            reply = await repo.add_reply_message(
-                db,
-                team_id=principal.team_id,
-                session_id=session_id,
-                reply_to=user_message.id,
-                mode=mode.name,
-                model=self.provider_for(mode).model,
                 reply_id=reply_id,
             )
             last_seq = chat.last_seq
@@ -286,13 +301,13 @@ class Replies:
                 limit=HISTORY_LIMIT,
             )
             items = [HistoryItem(m.role, m.content, m.id) for m in history]
-            view = message_view(user_message)
+            view = message_view(view)
         await self.log.ensure_floor(session_id, last_seq)
         run = ReplyRun(
-            reply_id=reply.id,
+            reply_id=reply_id,
             session_id=session_id,
             team_id=principal.team_id,
-            user_message_id=user_message.id,
+            user_message_id=message_id,
             mode=mode,
             model=self.provider_for(mode).model,
             provider=self.provider_for(mode),
@@ -426,9 +441,9 @@ class Replies:
             coalesce_chars=self.settings.coalesce_chars,
         )
         try:
-            await self.log.append(run.session_id, "message.created", {"message": user_message})
-            await self.log.append(
-                run.session_id,
+            await self._append(run, "message.created", {"message": user_message})
+            await self._append(
+                run,
                 "reply.started",
                 {
                     "reply_id": run.reply_id,
@@ -488,6 +503,10 @@ class Replies:
             else:
                 stop_reason = "error"
                 status = "failed"
+            # The ending event will be the next after this reply's last one
+            # (nothing else appends to a session while its reply runs): its
+            # seq is stored with the reply, in one transaction.
+            ending_seq = max(run.last_seq, run.writer.last_seq if run.writer else 0) + 1
             async with transaction(self.sessionmaker) as db:
                 finished = await repo.finish_reply_message(
                     db,
@@ -499,6 +518,8 @@ class Replies:
                     trace={"steps": run.trace} if run.trace else None,
                 )
                 view = message_view(finished) if finished is not None else None
+                if view is not None:
+                    await repo.set_last_seq(db, session_id=run.session_id, seq=ending_seq)
             if view is None:
                 # Already ended elsewhere (a reaper): never a second ending.
                 log.warning("reply %s was already ended; not ending it again", run.reply_id)
@@ -535,8 +556,9 @@ class Replies:
             elapsed = time.monotonic() - (run.first_token_at or run.started_at)
             if usage.output_tokens and elapsed > 0:
                 metrics.TOKENS_PER_SECOND.observe(usage.output_tokens / elapsed)
-            async with transaction(self.sessionmaker) as db:
-                await repo.set_last_seq(db, session_id=run.session_id, seq=event.seq)
+            if event.seq > ending_seq:  # something else was appended meanwhile
+                async with transaction(self.sessionmaker) as db:
+                    await repo.set_last_seq(db, session_id=run.session_id, seq=event.seq)
         except Exception:
             log.exception("could not finish reply %s", run.reply_id)
         finally:
@@ -553,6 +575,10 @@ class Replies:
                 and not self._closing
             ):
                 self.extractor.schedule(run.team_id, run.session_id, run.provider)
+
+    async def _append(self, run: ReplyRun, type_: str, data: dict[str, Any]) -> None:
+        event = await self.log.append(run.session_id, type_, data)
+        run.last_seq = max(run.last_seq, event.seq)
 
     async def _release(self, run: ReplyRun) -> None:
         """The session may take its next message, here and on every instance
@@ -601,8 +627,8 @@ class Replies:
                     )
                 )
                 run.trace.append({"step": step.name, "output": output})
-                await self.log.append(
-                    run.session_id,
+                await self._append(
+                    run,
                     "reply.step",
                     {"reply_id": run.reply_id, "step": step.name, "status": "done"},
                 )

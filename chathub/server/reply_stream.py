@@ -52,6 +52,8 @@ class DeltaWriter:
         self.coalesce_s = coalesce_s
         self.coalesce_chars = coalesce_chars
         self.sent: list[str] = []
+        self.last_seq = 0
+        """The seq of the last event appended here."""
         self.blocked = False
         self._buffer: list[str] = []
         self._buffered = 0
@@ -191,10 +193,11 @@ class DeltaWriter:
         self._arm_poll()
 
     async def _append_delta(self, text: str) -> None:
-        await self.log.append(
+        event = await self.log.append(
             self.session_id, "reply.delta", {"reply_id": self.reply_id, "text": text}
         )
         self.sent.append(text)
+        self.last_seq = max(self.last_seq, event.seq)
 
     def _take_buffer(self) -> str:
         if self._flush_timer is not None:
@@ -221,10 +224,13 @@ class DeltaWriter:
         cost of a delta with coalescing off is mostly those)."""
         if self._buffer:
             text = self._take_buffer()
-            append_now(self.session_id, "reply.delta", {"reply_id": self.reply_id, "text": text})
+            event = append_now(
+                self.session_id, "reply.delta", {"reply_id": self.reply_id, "text": text}
+            )
             self.sent.append(text)
+            self.last_seq = event.seq
         for type_, data in self._take_actions():
-            append_now(self.session_id, type_, data)
+            self.last_seq = append_now(self.session_id, type_, data).seq
 
     async def _flush(self) -> None:
         """Write the buffer as one ``reply.delta``, then any guardrail events;
@@ -245,4 +251,5 @@ class DeltaWriter:
                 self._flush_timer.cancel()
                 self._flush_timer = None
             for type_, data in self._take_actions():
-                await self.log.append(self.session_id, type_, data)
+                event = await self.log.append(self.session_id, type_, data)
+                self.last_seq = max(self.last_seq, event.seq)

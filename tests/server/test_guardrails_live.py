@@ -80,6 +80,9 @@ async def test_secrets_split_across_3_char_chunks_are_redacted_everywhere(
         ]
         done = frames[-1]
         assert done["type"] == "reply.completed" and done["message"]["content"] == streamed
+        # stored with the reply: the seq after its deltas and guardrail events
+        session = (await client.get(f"/chat/sessions/{sid}", headers=h)).json()
+        assert session["last_seq"] == done["seq"]
         history = (await client.get(f"/chat/sessions/{sid}/messages", headers=h)).json()["items"]
         stored = next(m for m in history if m["role"] == "assistant")["content"]
         assert stored == streamed
@@ -110,6 +113,8 @@ async def test_blocklisted_phrase_stops_the_reply_with_the_safe_message(
         ]
         done = frames[-1]
         assert done["stop_reason"] == "blocked" and done["message"]["content"] == streamed
+        session = (await client.get(f"/chat/sessions/{sid}", headers=h)).json()
+        assert session["last_seq"] == done["seq"]
 
 
 async def test_user_input_is_redacted_or_refused_per_mode(leaky: RunningServer) -> None:

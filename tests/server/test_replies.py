@@ -9,7 +9,21 @@ from pathlib import Path
 
 import httpx
 
-from tests.harness import RunningServer, TeamFixture
+from chathub.auth import Principal
+from chathub.server.leases import MemoryReplyLeases
+from chathub.server.replies import Replies
+from chathub.storage.db import transaction
+from chathub.storage.repositories import sessions as sessions_repo
+from tests.harness import (
+    RunningServer,
+    TeamFixture,
+    create_pg_database,
+    drop_pg_database,
+    make_team,
+    pg_url,
+    start_server,
+    test_settings,
+)
 from tests.server.test_ws import (
     assert_contiguous,
     custom_server,
@@ -90,14 +104,9 @@ async def test_full_turn(
     assert without_trace(stored[0]) == created
     assert without_trace(stored[1]) == done["message"]
     assert stored[1]["usage"] == done["usage"] and stored[1]["reply_to"] == message_id
-    # the session's last_seq catches up with the last event
-    async with asyncio.timeout(10):
-        while True:
-            r = await client.get(f"/chat/sessions/{sid}", headers=team.owner.headers)
-            if r.json()["last_seq"] == done["seq"]:
-                break
-            assert r.json()["last_seq"] < done["seq"]
-            await asyncio.sleep(0.02)
+    # the session's last_seq was stored with the reply, before its last event
+    r = await client.get(f"/chat/sessions/{sid}", headers=team.owner.headers)
+    assert r.json()["last_seq"] == done["seq"]
 
     # a second turn goes on from the same seq
     ws = await WsClient.connect(clean_server.ws_url, team.owner.api_key)
@@ -390,3 +399,78 @@ async def test_coalescing_merges_deltas_without_changing_the_text(tmp_path: Path
     assert texts[0] == texts[200] == text
     assert counts[0] == chunks
     assert counts[200] <= chunks // 5, counts
+
+
+class BothAdmitted(MemoryReplyLeases):
+    """Leases that admit both of two sends at once, once both have asked: two
+    instances that do not see each other's lease (as right after a Redis
+    failover), each having found no such message yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+        self.both = asyncio.Event()
+
+    async def acquire(self, session_id: str, reply_id: str, owner_id: str, ttl_s: float) -> bool:
+        self.asked += 1
+        if self.asked == 2:
+            self.both.set()
+        await asyncio.wait_for(self.both.wait(), 10)
+        return True
+
+
+async def test_one_message_stored_at_once_by_two_instances_is_stored_and_answered_once(
+    tmp_path: Path,
+) -> None:
+    """Both inserts race to the unique (session, client_msg_id) key; the loser's
+    transaction fails there, and it answers as to a resend, naming the
+    winner's message and reply. PostgreSQL only: SQLite's one connection
+    serialises the two transactions, so the second finds the first's row."""
+    name = await create_pg_database()
+    server = await start_server(test_settings(pg_url(name), tmp_path))
+    leases = BothAdmitted()
+    st = server.state
+    instances = [
+        Replies(
+            settings=st.settings,
+            sessionmaker=st.sessionmaker,
+            session_log=st.session_log,
+            bus=st.bus,
+            provider=st.provider,
+            leases=leases,
+        )
+        for _ in range(2)
+    ]
+    try:
+        team = await make_team(st)
+        async with transaction(st.sessionmaker) as db:
+            chat = await sessions_repo.create_session(
+                db, team_id=team.team_id, title="race", mode="chat", created_by=None
+            )
+        principal = Principal(member_id=team.owner.member_id, team_id=team.team_id, role="owner")
+        results = await asyncio.gather(
+            *(
+                replies.send(principal, session_id=chat.id, client_msg_id="same", content="hi")
+                for replies in instances
+            )
+        )
+        assert sorted(r.duplicate for r in results) == [False, True], results
+        first, second = results
+        assert first.message == second.message and first.reply_id == second.reply_id
+        assert first.reply_id is not None
+        for replies in instances:
+            await replies.wait(first.reply_id)
+        async with st.sessionmaker() as db:
+            page = await sessions_repo.list_messages(
+                db, team_id=team.team_id, session_id=chat.id, limit=10, cursor=None
+            )
+        assert [(m.role, m.status) for m in page.items] == [
+            ("user", "complete"),
+            ("assistant", "complete"),
+        ]
+        assert page.items[1].id == first.reply_id
+    finally:
+        for replies in instances:
+            await replies.close()
+        await server.stop()
+        await drop_pg_database(name)

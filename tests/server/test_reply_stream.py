@@ -64,6 +64,7 @@ async def test_deltas_equal_the_whole_text_filter_however_it_is_cut(
     rules = sorted(e.data()["rule"] for e in events if e.type == "reply.guardrail")
     assert rules == sorted(rule for _, rule in expected.actions)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert writer.last_seq == events[-1].seq  # the reply's ending comes next
 
 
 async def test_with_coalescing_on_a_token_is_only_collected_until_the_delta_is_due() -> None:
@@ -97,7 +98,8 @@ async def test_with_coalescing_on_collected_tokens_are_written_when_their_time_i
     assert "".join(_deltas(events)) == "Hello there, friend. Bye"
 
 
-async def test_with_coalescing_on_a_blocked_phrase_ends_the_output() -> None:
+@pytest.mark.parametrize("coalesce_s", [0.0, 0.03], ids=["off", "30ms"])
+async def test_a_blocked_phrase_ends_the_output(coalesce_s: float) -> None:
     log = MemorySessionLog()
     events = _events(log)
     policy = Policy.from_dict({"blocklist": ["pay with"], "safe_message": "Sorry."})
@@ -108,7 +110,7 @@ async def test_with_coalescing_on_a_blocked_phrase_ends_the_output() -> None:
         policy=policy,
         holdback_chars=128,
         holdback_ms=250,
-        coalesce_s=0.03,
+        coalesce_s=coalesce_s,
         coalesce_chars=16,
     )
     text = "You could pay with a card, then more text follows here."
@@ -120,6 +122,7 @@ async def test_with_coalescing_on_a_blocked_phrase_ends_the_output() -> None:
     streamed = "".join(_deltas(events))
     assert writer.blocked
     assert streamed == "You could Sorry."
-    assert ("blocked", "blocklist") in [
-        (e.data()["action"], e.data()["rule"]) for e in events if e.type == "reply.guardrail"
+    assert [(e.type, e.data().get("action")) for e in events[-1:]] == [
+        ("reply.guardrail", "blocked")
     ]
+    assert writer.last_seq == events[-1].seq

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Row, Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -13,6 +13,41 @@ from chathub.errors import NotFound
 from chathub.ids import new_id
 from chathub.storage.models import ChatSession, Message, utcnow
 from chathub.storage.pagination import Page, paginate
+
+_messages = cast(Table, Message.__table__)
+_sessions = cast(Table, ChatSession.__table__)
+
+# The statements of every chat turn are built once, with bound parameters:
+# building one (and its cache key) costs SQLAlchemy more than SQLite takes
+# to run it, and a turn runs eight.
+_GET_SESSION = select(ChatSession).where(
+    ChatSession.id == bindparam("session_id"),
+    ChatSession.team_id == bindparam("team_id"),
+    ChatSession.deleted_at.is_(None),
+)
+_BY_CLIENT_MSG_ID = select(Message).where(
+    Message.session_id == bindparam("session_id"),
+    Message.client_msg_id == bindparam("client_msg_id"),
+)
+_INSERT_MESSAGES = insert(_messages)
+_FINISH_REPLY = (
+    update(_messages)
+    .where(_messages.c.id == bindparam("message_id"), _messages.c.status == "streaming")
+    .values(
+        content=bindparam("new_content"),
+        status=bindparam("new_status"),
+        stop_reason=bindparam("new_stop_reason"),
+        usage=bindparam("new_usage"),
+        trace=bindparam("new_trace"),
+        completed_at=bindparam("new_completed_at"),
+    )
+    .returning(*_messages.c)
+)
+_RAISE_LAST_SEQ = (
+    update(_sessions)
+    .where(_sessions.c.id == bindparam("session_id"), _sessions.c.last_seq < bindparam("seq"))
+    .values(last_seq=bindparam("seq"))
+)
 
 
 async def create_session(
@@ -25,13 +60,7 @@ async def create_session(
 
 
 async def get_session(session: AsyncSession, *, team_id: str, session_id: str) -> ChatSession:
-    row = await session.scalar(
-        select(ChatSession).where(
-            ChatSession.id == session_id,
-            ChatSession.team_id == team_id,
-            ChatSession.deleted_at.is_(None),
-        )
-    )
+    row = await session.scalar(_GET_SESSION, {"session_id": session_id, "team_id": team_id})
     if row is None:
         raise NotFound("session not found")
     return row
@@ -79,11 +108,7 @@ async def delete_session(session: AsyncSession, row: ChatSession) -> None:
 
 async def set_last_seq(session: AsyncSession, *, session_id: str, seq: int) -> None:
     """Raise ``last_seq`` to ``seq`` (never lowers it)."""
-    await session.execute(
-        update(ChatSession)
-        .where(ChatSession.id == session_id, ChatSession.last_seq < seq)
-        .values(last_seq=seq)
-    )
+    await session.execute(_RAISE_LAST_SEQ, {"session_id": session_id, "seq": seq})
 
 
 async def list_messages(
@@ -105,9 +130,7 @@ async def find_by_client_msg_id(
     session: AsyncSession, *, session_id: str, client_msg_id: str
 ) -> Message | None:
     return await session.scalar(
-        select(Message).where(
-            Message.session_id == session_id, Message.client_msg_id == client_msg_id
-        )
+        _BY_CLIENT_MSG_ID, {"session_id": session_id, "client_msg_id": client_msg_id}
     )
 
 
@@ -160,30 +183,63 @@ async def add_user_message(
     return message, True
 
 
-async def add_reply_message(
+async def add_turn(
     session: AsyncSession,
     *,
     team_id: str,
     session_id: str,
-    reply_to: str,
+    content: str,
+    client_msg_id: str,
+    author_id: str | None,
     mode: str,
     model: str,
-    reply_id: str | None = None,
-) -> Message:
-    message = Message(
-        id=reply_id or new_id(),
-        team_id=team_id,
-        session_id=session_id,
-        role="assistant",
-        content="",
-        status="streaming",
-        reply_to=reply_to,
-        mode=mode,
-        model=model,
-    )
-    session.add(message)
-    await session.flush()
-    return message
+    file_ids: list[str] | None,
+    message_id: str,
+    reply_id: str,
+) -> dict[str, Any]:
+    """Store a user message and the empty, streaming reply to it, in one
+    statement; returns the user message's row. A ``client_msg_id`` already
+    stored in the session (a concurrent send of the same message) raises
+    :class:`IntegrityError`, which spoils the transaction: the caller looks
+    the message up in a new one."""
+    now = utcnow()
+    common = {
+        "team_id": team_id,
+        "session_id": session_id,
+        "mode": mode,
+        "stop_reason": None,
+        "usage": None,
+        "trace": None,
+        "created_at": now,
+    }
+    user = {
+        **common,
+        "id": message_id,
+        "role": "user",
+        "content": content,
+        "status": "complete",
+        "client_msg_id": client_msg_id,
+        "reply_to": None,
+        "author_id": author_id,
+        "model": None,
+        "file_ids": {"ids": file_ids} if file_ids else None,
+        "completed_at": None,
+    }
+    reply = {
+        **common,
+        "id": reply_id,
+        "role": "assistant",
+        "content": "",
+        "status": "streaming",
+        "client_msg_id": None,
+        "reply_to": message_id,
+        "author_id": None,
+        "model": model,
+        "file_ids": None,
+        "completed_at": None,
+    }
+    await session.execute(_INSERT_MESSAGES, [user, reply])
+    return user
 
 
 async def finish_reply_message(
@@ -195,24 +251,23 @@ async def finish_reply_message(
     stop_reason: str | None,
     usage: dict[str, Any] | None,
     trace: dict[str, Any] | None = None,
-) -> Message | None:
-    """Set the final text once and return the finished reply, read back in
-    the same statement; a reply already finished is left as it is (then this
-    returns None)."""
-    finished: Message | None = await session.scalar(
-        update(Message)
-        .where(Message.id == message_id, Message.status == "streaming")
-        .values(
-            content=content,
-            status=status,
-            stop_reason=stop_reason,
-            usage=usage,
-            trace=trace,
-            completed_at=utcnow(),
-        )
-        .returning(Message)
+) -> Row[Any] | None:
+    """Set the final text once and return the finished reply's row, read back
+    in the same statement; a reply already finished is left as it is (then
+    this returns None)."""
+    result = await session.execute(
+        _FINISH_REPLY,
+        {
+            "message_id": message_id,
+            "new_content": content,
+            "new_status": status,
+            "new_stop_reason": stop_reason,
+            "new_usage": usage,
+            "new_trace": trace,
+            "new_completed_at": utcnow(),
+        },
     )
-    return finished
+    return result.first()
 
 
 async def reply_by_id(session: AsyncSession, *, reply_id: str) -> Message | None:

@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from collections.abc import Sequence
+
+from sqlalchemy import Integer, Row, Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chathub.storage.models import Message, SessionSummary
 
+# Read on every chat turn: built once (see repositories.sessions).
+_LATEST = (
+    select(SessionSummary)
+    .where(SessionSummary.session_id == bindparam("session_id"))
+    .order_by(SessionSummary.version.desc())
+    .limit(1)
+)
+
+
+def _history(after: bool, newest: bool) -> Select[str, str, str]:
+    stmt = select(Message.id, Message.role, Message.content).where(
+        Message.session_id == bindparam("session_id"), Message.status != "streaming"
+    )
+    if after:
+        stmt = stmt.where(Message.id > bindparam("after_id"))
+    order = Message.id.desc() if newest else Message.id
+    return stmt.order_by(order).limit(bindparam("limit", type_=Integer))
+
+
+_HISTORY = {
+    (after, newest): _history(after, newest) for after in (False, True) for newest in (False, True)
+}
+
 
 async def latest(db: AsyncSession, *, session_id: str) -> SessionSummary | None:
-    return await db.scalar(
-        select(SessionSummary)
-        .where(SessionSummary.session_id == session_id)
-        .order_by(SessionSummary.version.desc())
-        .limit(1)
-    )
+    return await db.scalar(_LATEST, {"session_id": session_id})
 
 
 async def add(
@@ -36,13 +56,11 @@ async def add(
 
 async def history_after(
     db: AsyncSession, *, session_id: str, after_id: str | None, limit: int, newest: bool = True
-) -> list[Message]:
+) -> Sequence[Row[str, str, str]]:
     """``limit`` finished messages after ``after_id`` (the newest ones, or the
-    oldest with ``newest=False``), oldest first."""
-    stmt = select(Message).where(Message.session_id == session_id, Message.status != "streaming")
+    oldest with ``newest=False``), oldest first, as ``(id, role, content)``."""
+    params: dict[str, object] = {"session_id": session_id, "limit": limit}
     if after_id is not None:
-        stmt = stmt.where(Message.id > after_id)
-    if not newest:
-        return list((await db.scalars(stmt.order_by(Message.id).limit(limit))).all())
-    rows = (await db.scalars(stmt.order_by(Message.id.desc()).limit(limit))).all()
-    return list(reversed(rows))
+        params["after_id"] = after_id
+    rows = (await db.execute(_HISTORY[after_id is not None, newest], params)).all()
+    return rows[::-1] if newest else rows
