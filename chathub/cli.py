@@ -18,7 +18,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from chathub.server.ws_protocol import uvicorn_settings
 
     try:
-        app = create_app(settings)
+        app = create_app(settings, freeze_heap=True)
     except ConfigError as exc:
         print(f"chathub: {exc}", file=sys.stderr)
         return 2
