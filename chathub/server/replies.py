@@ -650,7 +650,8 @@ class Replies:
                 if run.first_token_at is None:
                     run.first_token_at = time.monotonic()
                     metrics.TIME_TO_FIRST_TOKEN.observe(run.first_token_at - run.started_at)
-                await writer.write(event.text)
+                if writer.take(event.text):
+                    await writer.write_due()
                 if writer.blocked:
                     break  # the guardrail stopped the reply: stop generating
         finally:

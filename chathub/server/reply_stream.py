@@ -77,25 +77,37 @@ class DeltaWriter:
 
     async def write(self, token: str) -> None:
         """One provider token."""
+        if self.take(token):
+            await self.write_due()
+
+    def take(self, token: str) -> bool:
+        """:meth:`write` without awaiting, for the per-token path: True when
+        a delta is due that needs :meth:`write_due` (a log that appends by
+        awaiting); else the token is fully handled."""
         if self.blocked:
-            return
+            return False
         if self.coalesce_s > 0:
             if not self._raw:
                 self._raw_timer = self._loop.call_later(self.coalesce_s, self._raw_due)
             self._raw.append(token)
             self._raw_chars += len(token)
             if self._raw_chars < self.coalesce_chars:
-                return
+                return False
             self._filter_raw(self._loop.time())
             due = bool(self._buffer or self._pending)
         else:
             now = self._loop.time()
             due = self._accept(self.filter.feed(token, now), now)
         if due:
-            if self._can_flush_now():
-                self._flush_now(self._append_now)  # type: ignore[arg-type]
-            else:
-                await self._flush()
+            if not self._can_flush_now():
+                return True
+            self._flush_now(self._append_now)  # type: ignore[arg-type]
+        self._arm_poll()
+        return False
+
+    async def write_due(self) -> None:
+        """Write the delta :meth:`take` found due."""
+        await self._flush()
         self._arm_poll()
 
     def _filter_raw(self, now: float) -> None:
