@@ -240,10 +240,13 @@ class Replies:
         leased: list[str],
     ) -> SendResult:
         async with transaction(self.sessionmaker) as db:
-            chat = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
-            stored = await self._stored(db, session_id, client_msg_id)
-            if stored is not None:
-                return stored
+            chat, sent = await repo.session_for_send(
+                db, team_id=principal.team_id, session_id=session_id, client_msg_id=client_msg_id
+            )
+            if sent is not None:
+                stored = await self._stored(db, session_id, client_msg_id)
+                if stored is not None:
+                    return stored
             if session_id in self._by_session:
                 raise Conflict("a reply is already being generated in this session")
             if len(content) > self.settings.max_message_chars:

@@ -25,6 +25,19 @@ _GET_SESSION = select(ChatSession).where(
     ChatSession.team_id == bindparam("team_id"),
     ChatSession.deleted_at.is_(None),
 )
+_SESSION_AND_SENT = select(
+    ChatSession,
+    select(Message.id)
+    .where(
+        Message.session_id == bindparam("session_id"),
+        Message.client_msg_id == bindparam("client_msg_id"),
+    )
+    .scalar_subquery(),
+).where(
+    ChatSession.id == bindparam("session_id"),
+    ChatSession.team_id == bindparam("team_id"),
+    ChatSession.deleted_at.is_(None),
+)
 _BY_CLIENT_MSG_ID = select(Message).where(
     Message.session_id == bindparam("session_id"),
     Message.client_msg_id == bindparam("client_msg_id"),
@@ -64,6 +77,22 @@ async def get_session(session: AsyncSession, *, team_id: str, session_id: str) -
     if row is None:
         raise NotFound("session not found")
     return row
+
+
+async def session_for_send(
+    session: AsyncSession, *, team_id: str, session_id: str, client_msg_id: str
+) -> tuple[ChatSession, str | None]:
+    """The session (as :func:`get_session`) and the id of the message already
+    sent to it with ``client_msg_id``, if any: one statement for a send."""
+    row = (
+        await session.execute(
+            _SESSION_AND_SENT,
+            {"session_id": session_id, "team_id": team_id, "client_msg_id": client_msg_id},
+        )
+    ).first()
+    if row is None:
+        raise NotFound("session not found")
+    return row[0], row[1]
 
 
 def _like(text: str) -> str:
