@@ -10,11 +10,14 @@ first frame queued and ends once the queue is empty), and there are no
 ``asyncio.Event`` objects (each holds a deque of waiters, about 400 bytes).
 
 Served by chathub's own uvicorn protocol (:mod:`chathub.server.ws_protocol`),
-a frame usually needs no queue and no writer at all: when nothing is queued
-or being sent and the socket's transport takes data, :meth:`Connection.send`
-writes the frame at once. Only a socket whose transport is paused (its peer
-reads slower than we write) builds up a queue, which its writer sends in
-one write once the transport takes data again.
+a frame usually needs no queue and no writer at all: it is held until the
+end of the event loop's current turn, and then every socket written to in
+that turn gets its frames in one write, if its transport takes data. Held
+that briefly, the frames of a turn leave together: the writes of one turn
+follow each other (a peer woken by the first finds the others already
+there), and several frames for one socket cost one write. Only a socket whose
+transport is paused (its peer reads slower than we write) builds up a queue,
+which its writer sends in one write once the transport takes data again.
 """
 
 from __future__ import annotations
@@ -72,6 +75,28 @@ def _send_now_of(websocket: WebSocket | None) -> SendNow | None:
     return extension.get("send_texts") if extension else None
 
 
+_holding: dict[asyncio.AbstractEventLoop, list[Connection]] = {}
+"""Per event loop, the connections holding frames for the end of its turn."""
+
+
+def _hold(conn: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    held = _holding.get(loop)
+    if held is None:
+        held = _holding[loop] = []
+        # Runs after every callback already due in this turn.
+        loop.call_soon(_write_all_held, loop)
+    held.append(conn)
+
+
+def _write_all_held(loop: asyncio.AbstractEventLoop) -> None:
+    for conn in _holding.pop(loop, ()):
+        try:
+            conn._write_held()
+        except Exception:  # one socket's failure is not the others'
+            log.exception("writing to %s failed", conn.id)
+
+
 @dataclass(slots=True)
 class SessionCursor:
     """Where this socket is in one session's event stream."""
@@ -86,6 +111,7 @@ class Connection:
     them with :meth:`take`."""
 
     __slots__ = (
+        "_held",
         "_queue",
         "_send_now",
         "_stopped",
@@ -134,10 +160,16 @@ class Connection:
         # What take() (socket-less use) or a lingering writer waits on.
         self._waiter: asyncio.Future[None] | None = None
         self._send_now = _send_now_of(websocket)
+        # Frames held for the end of this loop turn (see _hold); None if none.
+        self._held: list[str] | None = None
 
     def send(self, frame: str) -> None:
         """Queue a frame; never blocks. Overflow closes the socket as slow."""
         if self.closed:
+            return
+        held = self._held
+        if held is not None:
+            held.append(frame)
             return
         queue = self._queue
         if (
@@ -147,10 +179,28 @@ class Connection:
             # No writer, or one lingering for the next frame: none is in
             # the middle of a send this frame could overtake.
             and (self._writer is None or self._waiter is not None)
-            and self._send_now((frame,))
         ):
-            metrics.FRAMES_OUT.inc()
+            self._held = [frame]
+            _hold(self)
             return
+        self._enqueue(frame)
+
+    def _write_held(self) -> None:
+        """The end of the loop turn: write the held frames at once, or queue
+        them for the writer if the transport no longer takes data."""
+        held, self._held = self._held, None
+        if not held or self.closed:
+            return
+        if self._send_now is not None and self._send_now(held):
+            metrics.FRAMES_OUT.inc(len(held))
+            return
+        for frame in held:
+            self._enqueue(frame)
+
+    def _enqueue(self, frame: str) -> None:
+        if self.closed:
+            return
+        queue = self._queue
         if queue is None:
             queue = self._queue = deque()
         if len(queue) >= self.max_queue:
@@ -247,9 +297,11 @@ class Connection:
             self._queue = None
 
     def close_soon(self, code: int, reason: str = "") -> None:
-        """Stop sending and close the socket in the background."""
+        """Stop sending and close the socket in the background (after the
+        frames already sent)."""
         if self.closed:
             return
+        self._write_held()
         self.closed = True
         self.close_code = code
         self._queue = None

@@ -6,8 +6,8 @@ chathub's uvicorn protocol offers in the scope; real sockets exercise the
 same class in test_ws.py. What is checked: frames leave in order through one
 writer at a time, a writer lingers for the next frame and then ends (an idle
 socket keeps no task), draining or closing never waits for the linger, and
-with the synchronous send a frame goes out at once while the transport takes
-data and queues, in order, while it is paused.
+with the synchronous send the frames of one loop turn go out together at its
+end while the transport takes data, and queue, in order, while it is paused.
 """
 
 from __future__ import annotations
@@ -178,24 +178,40 @@ async def test_a_full_queue_closes_the_socket_as_slow() -> None:
     assert socket.sent == []
 
 
-async def test_frames_go_out_at_once_with_no_task_while_the_transport_takes_data() -> None:
+async def test_the_frames_of_a_loop_turn_go_out_at_its_end_in_one_write_with_no_task() -> None:
+    sockets = [DirectSocket(), DirectSocket()]
+    conns = [new_connection(socket) for socket in sockets]
+    for k in range(5):
+        for conn in conns:
+            conn.send(str(k))
+    assert all(socket.sent == [] for socket in sockets)  # held until the turn ends
+    await asyncio.sleep(0)
+    for socket, conn in zip(sockets, conns, strict=True):
+        assert socket.writes == [["0", "1", "2", "3", "4"]]
+        assert conn._writer is None and conn.queue_depth == 0
+    conns[0].send("5")  # a later turn: a write of its own
+    await asyncio.sleep(0)
+    assert sockets[0].writes[-1] == ["5"] and sockets[1].writes == [["0", "1", "2", "3", "4"]]
+
+
+async def test_frames_held_for_the_end_of_the_turn_go_out_before_a_close() -> None:
     socket = DirectSocket()
     conn = new_connection(socket)
-    for k in range(10):
-        conn.send(str(k))
-    # No await: each frame was written before send() returned.
-    assert socket.sent == [str(k) for k in range(10)]
-    assert socket.writes == [[str(k)] for k in range(10)]
-    assert conn._writer is None and conn.queue_depth == 0
+    conn.send("last words")
+    conn.close_soon(1000, "bye")
+    await eventually(lambda: socket.closed_with is not None, timeout_s=2)
+    assert socket.sent == ["last words"] and socket.closed_with == (1000, "bye")
 
 
 async def test_a_paused_transport_queues_frames_and_keeps_their_order() -> None:
     socket = DirectSocket()
     conn = new_connection(socket, max_queue=100)
     conn.send("a")
+    await asyncio.sleep(0)  # written at the end of the turn
     socket.writable = False  # the peer stopped reading
     for frame in ("b", "c", "d"):
         conn.send(frame)
+    await asyncio.sleep(0)  # the turn is over; the transport took nothing
     assert conn.queue_depth == 3 and conn._writer is not None
     await asyncio.sleep(0.01)  # the writer took "b" and waits for the transport
     assert conn.queue_depth == 2
@@ -207,7 +223,8 @@ async def test_a_paused_transport_queues_frames_and_keeps_their_order() -> None:
     assert socket.writes == [["a"], ["c", "d", "e"]]
     writer = conn._writer
     assert writer is not None  # lingering
-    conn.send("f")  # a lingering writer is in no send: "f" goes at once
+    conn.send("f")  # a lingering writer is in no send: "f" goes at the turn's end
+    await asyncio.sleep(0)
     assert socket.sent[-1] == "f" and socket.writes[-1] == ["f"]
     await asyncio.wait_for(writer, 1)
     assert conn._writer is None and conn.queue_depth == 0
