@@ -549,10 +549,16 @@ def _on_signal(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(
+    cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in a session of its own, output to ``log``. A server is
+    started in a folder of its own (``cwd``): ``python -m`` puts its working
+    directory first on ``sys.path``, so run from the repository root it
+    would import the work tree's chathub whatever PYTHONPATH says."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     _children.append(proc)
     return proc
@@ -580,8 +586,10 @@ def _wait_healthy(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 CHATHUB_SRC: str | None = None
-"""With ``--head``: a folder holding ``chathub/`` as committed, put first on the
-servers' PYTHONPATH (the work tree may hold someone's unfinished edits)."""
+"""With ``--head`` or ``--rev``: a folder holding ``chathub/`` as committed, put
+first on the servers' PYTHONPATH (the work tree may hold someone's unfinished
+edits; an older revision is a baseline to compare with)."""
+CHATHUB_REV = ""
 
 
 def _clean_env() -> dict[str, str]:
@@ -608,7 +616,7 @@ def _git(*argv: str) -> str:
 def _code_state() -> str:
     head = _git("rev-parse", "--short", "HEAD").strip() or "unknown"
     if CHATHUB_SRC:
-        return f"chathub as committed at {head} (`git archive`, `--head`)"
+        return f"chathub as committed at {CHATHUB_REV} (`git archive`)"
     changed = [line[3:] for line in _git("status", "--porcelain", "--", "chathub").splitlines()]
     if not changed:
         return f"chathub at {head}, work tree clean"
@@ -619,10 +627,10 @@ def _code_state() -> str:
     )
 
 
-def _export_head(folder: Path) -> None:
-    """``git archive HEAD chathub`` into ``folder`` (reads the repository only)."""
+def _export(folder: Path, rev: str = "HEAD") -> None:
+    """``git archive REV chathub`` into ``folder`` (reads the repository only)."""
     archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", "HEAD", "chathub"],
+        ["git", "-C", str(REPO), "archive", rev, "chathub"],
         capture_output=True,
         timeout=60,
         check=True,
@@ -695,7 +703,7 @@ def run_once(
             boot = subprocess.run(
                 [PY, "-m", "chathub", "admin", "bootstrap", "--team", "Bench",
                  "--email", "bench@example.com"],
-                env=env, capture_output=True, timeout=60, check=False,
+                env=env, cwd=d, capture_output=True, timeout=60, check=False,
             )  # fmt: skip
             if boot.returncode != 0:
                 raise RuntimeError(f"bootstrap failed:\n{boot.stderr.decode()[-3000:]}")
@@ -706,7 +714,7 @@ def run_once(
             cmd = ["taskset", "-c", "0", PY, str(HERE / "bare_ws_server.py"), "--port", str(port),
                    "--tokens", str(args.tokens), "--chunk", str(args.chunk)]  # fmt: skip
         log = d / "server.log"
-        server = _spawn(cmd, env, log)
+        server = _spawn(cmd, env, log, cwd=d)
         spy: subprocess.Popen[bytes] | None = None
         try:
             _wait_healthy(port, server, log)
@@ -999,11 +1007,15 @@ def bench_command(args: argparse.Namespace) -> int:
     atexit.register(_kill_all)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    if args.head:
-        global CHATHUB_SRC
+    if args.head or args.rev:
+        global CHATHUB_SRC, CHATHUB_REV
+        CHATHUB_REV = _git("rev-parse", "--short", args.rev or "HEAD")
+        if not CHATHUB_REV:
+            print(f"unknown revision {args.rev!r}", file=sys.stderr)
+            return 2
         src = tempfile.mkdtemp(prefix="hub-bench-src-")
         atexit.register(shutil.rmtree, src, True)
-        _export_head(Path(src))
+        _export(Path(src), CHATHUB_REV)
         CHATHUB_SRC = src
     print(f"code: {_code_state()}", file=sys.stderr)
     frames, _ = delta_frames(args.tokens, args.chunk)
@@ -1179,6 +1191,9 @@ def main(argv: list[str] | None = None) -> int:
         "--head",
         action="store_true",
         help="serve chathub as committed at HEAD, not the work tree (git archive to a temp dir)",
+    )
+    parser.add_argument(
+        "--rev", help="serve chathub as committed at this revision (a baseline to compare with)"
     )
     parser.add_argument(
         "--configs",
