@@ -24,6 +24,7 @@ both see the same machine.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -40,6 +41,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from fanout_bench import create_database, drop_database  # noqa: E402
 from hub_bench import (  # noqa: E402
     PY,
     _clean_env,
@@ -64,15 +66,6 @@ class Run:
     database: str
     cpu_ms: float
     latencies_ms: list[float]
-
-
-def _psql(sql: str) -> None:
-    subprocess.run(
-        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-qc", sql],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
 
 
 def _server_cpu_s(pid: int) -> float:
@@ -100,10 +93,7 @@ def run_once(code: str, src: str | None, database: str, turns: int) -> Run:
         )
         pg_name = None
         if database == "postgresql":
-            pg_name = f"chathub_turn_bench_{os.getpid()}"
-            _psql(f'DROP DATABASE IF EXISTS "{pg_name}"')
-            _psql(f'CREATE DATABASE "{pg_name}"')
-            env["CHATHUB_DATABASE_URL"] = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{pg_name}"
+            pg_name, env["CHATHUB_DATABASE_URL"] = asyncio.run(create_database())
             env["CHATHUB_JWT_SECRET"] = JWT_SECRET
             subprocess.run(
                 [PY, "-m", "chathub", "db", "upgrade"],
@@ -154,7 +144,7 @@ def run_once(code: str, src: str | None, database: str, turns: int) -> Run:
             if server is not None:
                 _kill(server)
             if pg_name is not None:
-                _psql(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
+                asyncio.run(drop_database(pg_name))
     return Run(code, database, cpu_ms, latencies)
 
 
