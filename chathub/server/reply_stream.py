@@ -174,9 +174,14 @@ class DeltaWriter:
         return bool(
             self._pending
             or self.blocked
-            or self.coalesce_s <= 0
-            or self._buffered >= self.coalesce_chars
-            or (self._buffer and now - self._buffered_at >= self.coalesce_s)
+            or (
+                self._buffer
+                and (
+                    self.coalesce_s <= 0
+                    or self._buffered >= self.coalesce_chars
+                    or now - self._buffered_at >= self.coalesce_s
+                )
+            )
         )
 
     def _spawn_flush(self) -> None:
