@@ -282,7 +282,7 @@ class Replies:
             ):
                 raise Conflict("a reply is already being generated in this session")
             leased.append(reply_id)
-            view = await repo.add_turn(
+            user_row = await repo.add_turn(
                 db,
                 team_id=principal.team_id,
                 session_id=session_id,
@@ -304,7 +304,7 @@ class Replies:
                 limit=HISTORY_LIMIT,
             )
             items = [HistoryItem(m.role, m.content, m.id) for m in history]
-            view = message_view(view)
+            view = message_view(user_row)
         await self.log.ensure_floor(session_id, last_seq)
         run = ReplyRun(
             reply_id=reply_id,
