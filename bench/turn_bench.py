@@ -52,6 +52,7 @@ from hub_bench import (  # noqa: E402
     _kill,
     _kill_all,
     _on_signal,
+    _proc_cpu_s,
     _spawn,
     _wait_healthy,
 )
@@ -69,8 +70,7 @@ class Run:
 
 
 def _server_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(_proc_cpu_s(pid))
 
 
 def run_once(code: str, src: str | None, database: str, turns: int) -> Run:

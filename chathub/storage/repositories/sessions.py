@@ -19,29 +19,20 @@ _sessions = cast(Table, ChatSession.__table__)
 
 # The statements of every chat turn are built once, with bound parameters:
 # building one (and its cache key) costs SQLAlchemy more than SQLite takes
-# to run it, and a turn runs eight.
+# to run it, and a turn runs six.
 _GET_SESSION = select(ChatSession).where(
     ChatSession.id == bindparam("session_id"),
     ChatSession.team_id == bindparam("team_id"),
     ChatSession.deleted_at.is_(None),
 )
-_SESSION_AND_SENT = select(
-    ChatSession,
-    select(Message.id)
-    .where(
-        Message.session_id == bindparam("session_id"),
-        Message.client_msg_id == bindparam("client_msg_id"),
-    )
-    .scalar_subquery(),
-).where(
-    ChatSession.id == bindparam("session_id"),
-    ChatSession.team_id == bindparam("team_id"),
-    ChatSession.deleted_at.is_(None),
-)
-_BY_CLIENT_MSG_ID = select(Message).where(
+_SENT_WITH_CLIENT_MSG_ID = (
     Message.session_id == bindparam("session_id"),
     Message.client_msg_id == bindparam("client_msg_id"),
 )
+_SESSION_AND_SENT = _GET_SESSION.add_columns(
+    select(Message.id).where(*_SENT_WITH_CLIENT_MSG_ID).scalar_subquery()
+)
+_BY_CLIENT_MSG_ID = select(Message).where(*_SENT_WITH_CLIENT_MSG_ID)
 _INSERT_MESSAGES = insert(_messages)
 _FINISH_REPLY = (
     update(_messages)
@@ -174,18 +165,14 @@ async def add_user_message(
     mode: str,
     file_ids: list[str] | None = None,
     message_id: str | None = None,
-    looked_up: bool = False,
 ) -> tuple[Message, bool]:
     """Store a user message; returns ``(message, created)``. A second call with
-    the same ``client_msg_id`` returns the stored message and ``False``.
-    ``looked_up``: the caller has just found no such message in this
-    transaction (a concurrent insert is still caught)."""
-    if not looked_up:
-        existing = await find_by_client_msg_id(
-            session, session_id=session_id, client_msg_id=client_msg_id
-        )
-        if existing is not None:
-            return existing, False
+    the same ``client_msg_id`` returns the stored message and ``False``."""
+    existing = await find_by_client_msg_id(
+        session, session_id=session_id, client_msg_id=client_msg_id
+    )
+    if existing is not None:
+        return existing, False
     message = Message(
         id=message_id or new_id(),
         team_id=team_id,
