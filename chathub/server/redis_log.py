@@ -198,6 +198,9 @@ class RedisSessionLog:
             return None
         return events
 
+    async def held(self, session_id: str) -> list[Event]:
+        return await self._read_range(session_id, 0)
+
     async def last_seq(self, session_id: str) -> int:
         key = self.seq_key(session_id)
         last = int(await retry_once(lambda _: self._client.get(key)) or 0)

@@ -62,6 +62,11 @@ class SessionLog(Protocol):
         some of them are no longer held (or ``after_seq`` is in the future)."""
         ...
 
+    async def held(self, session_id: str) -> list[Event]:
+        """Every event still held for the session, in ``seq`` order (the
+        oldest may be long gone; there may be gaps where a floor was set)."""
+        ...
+
     async def last_seq(self, session_id: str) -> int: ...
 
     async def ensure_floor(self, session_id: str, seq: int) -> None:
@@ -151,6 +156,9 @@ class MemorySessionLog:
         start = after_seq + 1 - events[0].seq
         return [events[i] for i in range(start, len(events))]
 
+    async def held(self, session_id: str) -> list[Event]:
+        return list(self._window(session_id).events)
+
     async def last_seq(self, session_id: str) -> int:
         return self._window(session_id).next_seq - 1
 
@@ -158,6 +166,8 @@ class MemorySessionLog:
         window = self._window(session_id)
         if window.next_seq <= seq:
             window.next_seq = seq + 1
+            # No read may span the skipped seqs: drop what came before them.
+            window.events.clear()
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)

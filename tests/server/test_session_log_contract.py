@@ -213,6 +213,38 @@ async def test_ensure_floor_keeps_seq_above_the_database(logs: Logs) -> None:
     assert await log.read_after(sid, 5) is None
 
 
+async def test_a_floor_above_held_events_is_never_read_across(logs: Logs) -> None:
+    log = await logs.one()
+    sid = new_session()
+    for i in range(3):
+        await log.append(sid, "x", {"n": i})
+    await log.ensure_floor(sid, 20)
+    after = await log.append(sid, "x", {"n": 3})
+    assert after.seq == 21
+    # Seqs 4 to 20 were skipped: no read may pretend it has them.
+    assert await log.read_after(sid, 0) is None
+    assert await log.read_after(sid, 3) is None
+    assert await log.read_after(sid, 10) is None
+    assert await log.read_after(sid, 20) == [after]
+    assert await log.read_after(sid, 2) is None
+    held = await log.held(sid)
+    assert held[-1] == after and [e.seq for e in held] == sorted({e.seq for e in held})
+
+
+async def test_held_is_every_event_still_held_in_order(logs: Logs) -> None:
+    log = await logs.one(max_length=10)
+    sid = new_session()
+    assert await log.held(sid) == []
+    appended = [await log.append(sid, "reply.delta", {"text": str(i)}) for i in range(5)]
+    assert await log.held(sid) == appended
+    appended += [await log.append(sid, "reply.delta", {"text": str(i)}) for i in range(5, 300)]
+    held = await log.held(sid)
+    # A window of at least max_length (Redis trims in whole blocks), the newest
+    # events, contiguous.
+    assert 10 <= len(held) < 300
+    assert held == appended[-len(held) :]
+
+
 async def test_an_idle_window_expires_but_seq_goes_on(logs: Logs) -> None:
     log = await logs.one(ttl_s=0.3)
     sid, other = new_session(), new_session()
