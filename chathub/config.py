@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     session_log_ttl_s: int = 86_400
     reply_timeout_s: float = 300.0
     lease_ttl_s: float = 10.0
+    # A streaming reply's text so far is stored this often (0: never), for a
+    # reaper to keep when the instance dies and the log no longer has it.
+    reply_checkpoint_s: float = Field(default=5.0, ge=0)
     extraction_debounce_s: float = 1.0
 
     # Input limits, per minute (0 turns one off). Shared through Redis when set.

@@ -130,7 +130,7 @@ def create_app(
             leases=leases,
             is_local=state.replies.runs.__contains__,
         )
-        reaper.start()
+        await reaper.start()
         if freeze_heap:
             # What startup built (modules, mappers, the model) lives as long
             # as the process. A full collection stops every socket while it

@@ -11,13 +11,14 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from itertools import pairwise
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chathub.config import Settings
 from chathub.server import metrics
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
-from chathub.server.session_log import SessionLog, append_surely
+from chathub.server.session_log import Event, SessionLog, append_surely
 from chathub.storage.db import transaction
 from chathub.storage.models import utcnow
 from chathub.storage.repositories import sessions as repo
@@ -44,21 +45,29 @@ class ReplyReaper:
         self.is_local = is_local
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._reap_forever(), name="reply-reaper")
+    async def start(self) -> None:
+        """Start reaping. With in-process leases (one process), every reply
+        still streaming in the database belonged to an earlier run of this
+        process: those are ended first, before the server takes a message."""
+        left_over = isinstance(self.leases, MemoryReplyLeases)
+        if left_over:
+            try:
+                await self.sweep(started_before=None)
+                left_over = False
+            except Exception:  # the loop tries again
+                log.exception("could not end the replies an earlier run left streaming")
+        self._task = asyncio.create_task(self._reap_forever(left_over), name="reply-reaper")
 
-    async def _reap_forever(self) -> None:
+    async def _reap_forever(self, left_over: bool) -> None:
         period = max(0.2, self.settings.lease_ttl_s / 2)
         sweep_every = 30
         rounds = 0
-        embedded_start = isinstance(self.leases, MemoryReplyLeases)
         while True:
+            await asyncio.sleep(period)
             try:
-                if embedded_start:
-                    # One process: every reply still streaming in the database
-                    # at start-up belonged to a previous run of this process.
+                if left_over:
                     await self.sweep(started_before=None)
-                    embedded_start = False
+                    left_over = False
                 await self.reap_once()
                 rounds += 1
                 if rounds % sweep_every == 0:
@@ -68,7 +77,6 @@ class ReplyReaper:
                     )
             except Exception:
                 log.exception("reaper round failed")
-            await asyncio.sleep(period)
 
     async def reap_once(self) -> int:
         """End every reply whose lease expired (its instance died); each is
@@ -94,18 +102,29 @@ class ReplyReaper:
         return ended
 
     async def end_interrupted(self, reply_id: str) -> bool:
-        """``reply.failed`` / ``interrupted`` with the partial text the session
-        log still holds; never restarts the reply."""
+        """``reply.failed`` / ``interrupted`` with the partial text: all of it
+        when the session log still holds the reply from its start, else the
+        last checkpoint stored with the reply. Never restarts the reply."""
         async with self.sessionmaker() as db:
             row = await repo.reply_by_id(db, reply_id=reply_id)
-        if row is None or row.status != "streaming":
-            return False
-        events = await self.log.read_after(row.session_id, 0) or []
-        partial = "".join(
-            str(data.get("text", ""))
-            for data in (e.data() for e in events if e.type == "reply.delta")
-            if data.get("reply_id") == reply_id
-        )
+            if row is None or row.status != "streaming":
+                return False
+            last_seq = await repo.stored_last_seq(db, session_id=row.session_id)
+        streamed = streamed_text(await self.log.held(row.session_id), reply_id)
+        if streamed is None:
+            # The log no longer holds the reply (a reply longer than its
+            # window, an embedded server that died, a Redis that lost its
+            # data): its text is the last checkpoint.
+            partial = row.content
+            if await self.log.last_seq(row.session_id) <= last_seq:
+                # And the log lost its count: the seqs the reply used after
+                # its checkpoint are unknown. Skip a whole log window past
+                # them, so that none is handed out again: a client that saw
+                # them finds them older than the log, and reloads.
+                last_seq += self.settings.session_log_length
+        else:
+            partial = streamed
+        await self.log.ensure_floor(row.session_id, last_seq)
         async with transaction(self.sessionmaker) as db:
             finished = await repo.finish_reply_message(
                 db,
@@ -141,3 +160,28 @@ class ReplyReaper:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def streamed_text(events: list[Event], reply_id: str) -> str | None:
+    """The concatenated deltas of ``reply_id`` among ``events``; None unless
+    they hold the reply whole: its ``reply.started`` and, from there, every
+    ``seq`` with no gap."""
+    start = next(
+        (
+            i
+            for i, e in enumerate(events)
+            if e.type == "reply.started" and e.data().get("reply_id") == reply_id
+        ),
+        None,
+    )
+    if start is None:
+        return None
+    pieces = []
+    for before, event in pairwise(events[start:]):
+        if event.seq != before.seq + 1:
+            return None
+        if event.type == "reply.delta":
+            data = event.data()
+            if data.get("reply_id") == reply_id:
+                pieces.append(str(data.get("text", "")))
+    return "".join(pieces)

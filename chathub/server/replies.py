@@ -393,11 +393,43 @@ class Replies:
     # -- generating --------------------------------------------------------
 
     async def _run(self, run: ReplyRun, user_message: dict[str, Any]) -> None:
-        keeper = asyncio.create_task(self._keep_lease(run))
+        helpers = [asyncio.create_task(self._keep_lease(run))]
+        if self.settings.reply_checkpoint_s > 0:
+            helpers.append(asyncio.create_task(self._checkpoint(run)))
         try:
             await self._run_reply(run, user_message)
         finally:
-            keeper.cancel()
+            for helper in helpers:
+                helper.cancel()
+
+    async def _checkpoint(self, run: ReplyRun) -> None:
+        """Store the text streamed so far, every ``reply_checkpoint_s`` while
+        the reply runs. Should this instance die, the reaper ends the reply
+        with the text the session log still holds, and where the log no
+        longer has it (a restarted embedded server, a reply longer than the
+        log's window, a Redis that lost its data) with this one."""
+        stored = 0
+        while True:
+            await asyncio.sleep(self.settings.reply_checkpoint_s)
+            writer = run.writer
+            if run.ending or writer is None or len(writer.sent) == stored:
+                continue
+            stored = len(writer.sent)
+            # Shielded: a reply ending meanwhile cancels this task, and a
+            # write cut off mid-statement would cost a connection for nothing.
+            await asyncio.shield(self._store_checkpoint(run, writer.text, writer.last_seq))
+
+    async def _store_checkpoint(self, run: ReplyRun, text: str, seq: int) -> None:
+        """The text so far and, with it, the seq of its last delta as the
+        session's ``last_seq``: a log that loses its state (an embedded
+        server that died) starts again above every seq handed out before
+        this checkpoint."""
+        try:
+            async with transaction(self.sessionmaker) as db:
+                if await repo.checkpoint_reply(db, message_id=run.reply_id, content=text):
+                    await repo.set_last_seq(db, session_id=run.session_id, seq=seq)
+        except Exception as exc:  # the next one may succeed; the reply goes on
+            log.warning("could not store the text of %s so far: %s", run.reply_id, exc)
 
     async def _keep_lease(self, run: ReplyRun) -> None:
         """Renew the reply's lease while it runs. A lease found taken over (a

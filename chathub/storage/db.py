@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import CursorResult, event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -60,3 +60,10 @@ async def transaction(
     """One unit of work: commits on success, rolls back on any error."""
     async with sessionmaker() as session, session.begin():
         yield session
+
+
+def rowcount(result: Any) -> int:
+    """The rows an UPDATE or DELETE matched (``Session.execute`` is typed
+    as returning a plain ``Result``)."""
+    assert isinstance(result, CursorResult)
+    return result.rowcount

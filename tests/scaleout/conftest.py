@@ -408,11 +408,13 @@ async def stored_reply(
 
 
 async def connect(instance: Instance, deployment: Deployment) -> WsClient:
+    return await connect_to(instance, deployment.api_key)
+
+
+async def connect_to(instance: Instance, api_key: str) -> WsClient:
     # Unbounded receive buffer: a socket the test is not reading must not
     # stall (and then time out) its closing handshake behind unread frames.
-    return await WsClient.connect(
-        instance.ws_url, deployment.api_key, max_queue=None, close_timeout=2
-    )
+    return await WsClient.connect(instance.ws_url, api_key, max_queue=None, close_timeout=2)
 
 
 async def join(client: WsClient, session_id: str, after_seq: int | None = None) -> dict[str, Any]:

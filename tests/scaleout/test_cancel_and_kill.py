@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from tests.scaleout.conftest import (
     LEASE_TTL_S,
     Cluster,
     Deployment,
+    Instance,
     assert_contiguous,
     connect,
     count_deltas,
@@ -21,10 +23,12 @@ from tests.scaleout.conftest import (
     events,
     join,
     new_session,
+    script_text,
+    scripted_llm,
     send,
     stored_reply,
 )
-from tests.wsclient import reply_end
+from tests.wsclient import WsClient, reply_end
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.timeout(90)]
 
@@ -122,3 +126,79 @@ async def test_a_killed_instance_s_reply_ends_as_interrupted_elsewhere(
         await on_a.close()
         await on_c.close()
         await on_b.close()
+
+
+async def killed_mid_reply(
+    instance: Instance, sender: WsClient, watcher: WsClient, session_id: str, *, after_deltas: int
+) -> tuple[str, dict[str, Any]]:
+    """Send a message over ``sender`` (a socket on ``instance``) and SIGKILL
+    ``instance`` once ``watcher`` has ``after_deltas`` deltas of the reply:
+    the reply's id and the ending ``watcher`` gets for it."""
+    reply_id = await send(sender, session_id, "killed")
+    await count_deltas(watcher, reply_id, after_deltas)
+    instance.kill9()
+    frames = await watcher.until(reply_end(reply_id), timeout=6 * LEASE_TTL_S)
+    return reply_id, frames[-1]
+
+
+async def test_a_killed_instance_s_reply_is_kept_whole_when_the_log_lost_older_turns(
+    cluster: Cluster, deployment: Deployment
+) -> None:
+    # A log window of 60 events: after two whole turns (206 events) Redis has
+    # trimmed the session's first ones, but still holds all of the third.
+    a, b = await cluster.start(2, session_log_length=60)
+    session_id = await new_session(a, deployment)
+    on_a = await connect(a, deployment)
+    on_b = await connect(b, deployment)
+    try:
+        await join(on_a, session_id)
+        for turn in ("m1", "m2"):
+            done = await on_a.until(reply_end(await send(on_a, session_id, turn)), timeout=15)
+            assert done[-1]["type"] == "reply.completed"
+        watcher = await connect(a, deployment)
+        try:
+            assert (await join(watcher, session_id, after_seq=0))["recovered"] is False
+        finally:
+            await watcher.close()
+
+        reply_id, end = await killed_mid_reply(b, on_b, on_a, session_id, after_deltas=20)
+    finally:
+        await on_a.close()
+        await on_b.close()
+
+    assert end["type"] == "reply.failed" and end["code"] == "interrupted", end
+    # All of it, from the log: exactly what was streamed before the kill.
+    partial = deltas(on_a.seen, reply_id)
+    assert len(partial) >= 20 * 5 and FULL_TEXT.startswith(partial)
+    assert end["partial"]["content"] == partial
+    assert (await stored_reply(a, deployment, session_id, reply_id))["content"] == partial
+    assert_contiguous(events(on_a.seen, session_id))
+
+
+async def test_a_killed_instance_s_reply_longer_than_the_log_keeps_its_checkpoint(
+    cluster: Cluster, deployment: Deployment
+) -> None:
+    # 300 deltas at 200 a second into a log window of 60 events: by the
+    # 200th, Redis no longer holds the reply's start.
+    text = script_text(300)
+    a, b = await cluster.start(
+        2, session_log_length=60, llm=scripted_llm(text, rate=200), reply_checkpoint_s=0.2
+    )
+    session_id = await new_session(a, deployment)
+    on_a = await connect(a, deployment)
+    on_b = await connect(b, deployment)
+    try:
+        await join(on_a, session_id)
+        reply_id, end = await killed_mid_reply(b, on_b, on_a, session_id, after_deltas=200)
+    finally:
+        await on_a.close()
+        await on_b.close()
+
+    assert end["type"] == "reply.failed" and end["code"] == "interrupted", end
+    # The last checkpoint: some of what was streamed, never more.
+    seen = deltas(on_a.seen, reply_id)
+    kept = end["partial"]["content"]
+    assert kept and seen.startswith(kept) and text.startswith(seen), (kept, seen)
+    assert (await stored_reply(a, deployment, session_id, reply_id))["content"] == kept
+    # The log kept its count: the ending follows the last delta, no gap.
+    assert_contiguous(events(on_a.seen, session_id))

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chathub.errors import NotFound
 from chathub.ids import new_id
+from chathub.storage.db import rowcount
 from chathub.storage.models import ChatSession, Message, utcnow
 from chathub.storage.pagination import Page, paginate
 
@@ -46,6 +47,11 @@ _FINISH_REPLY = (
         completed_at=bindparam("new_completed_at"),
     )
     .returning(*_messages.c)
+)
+_CHECKPOINT_REPLY = (
+    update(_messages)
+    .where(_messages.c.id == bindparam("message_id"), _messages.c.status == "streaming")
+    .values(content=bindparam("new_content"))
 )
 _RAISE_LAST_SEQ = (
     update(_sessions)
@@ -286,11 +292,27 @@ async def finish_reply_message(
     return result.first()
 
 
+async def checkpoint_reply(session: AsyncSession, *, message_id: str, content: str) -> bool:
+    """Store the text a reply has streamed so far, while it still streams
+    (never over a finished reply's text). True when it was stored."""
+    result = await session.execute(
+        _CHECKPOINT_REPLY, {"message_id": message_id, "new_content": content}
+    )
+    return rowcount(result) > 0
+
+
 async def reply_by_id(session: AsyncSession, *, reply_id: str) -> Message | None:
     """A reply by id whatever its team: for the reaper, which knows a reply
     only by the lease it left behind. Never reachable from a request."""
     return await session.scalar(
         select(Message).where(Message.id == reply_id, Message.role == "assistant")
+    )
+
+
+async def stored_last_seq(session: AsyncSession, *, session_id: str) -> int:
+    """The session's stored ``last_seq`` whatever its team (for the reaper)."""
+    return int(
+        await session.scalar(select(ChatSession.last_seq).where(ChatSession.id == session_id)) or 0
     )
 
 

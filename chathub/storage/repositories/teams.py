@@ -19,14 +19,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import CursorResult, delete, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chathub.auth import ROLE_RANK, ROLES, generate_api_key, hash_api_key
 from chathub.errors import Conflict, NotFound
+from chathub.storage.db import rowcount
 from chathub.storage.models import ApiKey, Member, Team, utcnow
 from chathub.storage.pagination import Page, paginate
 
@@ -129,11 +129,6 @@ async def _keep_another_owner(session: AsyncSession, member: Member) -> None:
         raise Conflict("a team needs at least one owner: make another member owner first")
 
 
-def _rowcount(result: Any) -> int:
-    assert isinstance(result, CursorResult)
-    return result.rowcount
-
-
 def _changed_meanwhile() -> Conflict:
     return Conflict("the member was changed by someone else meanwhile; read it again and retry")
 
@@ -199,7 +194,7 @@ async def _apply_member_change(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    if _rowcount(result) == 0:
+    if rowcount(result) == 0:
         raise _changed_meanwhile()
 
 
@@ -230,7 +225,7 @@ async def remove_member(session: AsyncSession, member: Member) -> None:
             )
         except IntegrityError as exc:  # a key was created for them concurrently
             raise _changed_meanwhile() from exc
-    if _rowcount(result) == 0:
+    if rowcount(result) == 0:
         raise _changed_meanwhile()
     session.expunge(member)
 
@@ -285,7 +280,7 @@ async def revoke_api_key(session: AsyncSession, row: ApiKey) -> None:
         .values(revoked_at=utcnow())
         .execution_options(synchronize_session=False)
     )
-    if _rowcount(result) == 0:  # revoked (or removed with its member) meanwhile
+    if rowcount(result) == 0:  # revoked (or removed with its member) meanwhile
         raise NotFound("api key not found")
     await session.refresh(row)
 

@@ -1,0 +1,114 @@
+"""The embedded server (SQLite, in-process log and bus) killed mid-reply
+(SIGKILL) and started again: the reply ends as interrupted with the text of
+its last checkpoint, and no seq the dead process handed out is handed out
+again. A real ``python -m chathub serve`` process, a real socket."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.scaleout.conftest import (
+    FULL_TEXT,
+    PY,
+    Instance,
+    chathub_env,
+    connect_to,
+    count_deltas,
+    deltas,
+    events,
+    free_port,
+    join,
+    reap,
+    run_cli,
+    send,
+    spawn,
+)
+from tests.wsclient import reply_end
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def embedded_env(tmp: Path) -> dict[str, str]:
+    return chathub_env(
+        f"sqlite+aiosqlite:///{tmp / 'chathub.db'}",
+        tmp / "data",
+        redis_url="",
+        reply_checkpoint_s=0.2,
+        session_log_length=500,
+    )
+
+
+async def start(tmp: Path, env: dict[str, str], name: str) -> Instance:
+    port = free_port()
+    log = tmp / f"{name}.log"
+    proc = spawn(
+        [PY, "-m", "chathub", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        log=log,
+        cwd=tmp,
+    )
+    instance = Instance(name, port, proc, log)
+    await instance.wait_ready()
+    return instance
+
+
+async def test_a_killed_embedded_server_keeps_the_checkpointed_text(tmp_path: Path) -> None:
+    env = embedded_env(tmp_path)
+    run_cli(["db", "upgrade"], env, tmp_path)
+    created = json.loads(
+        run_cli(
+            ["admin", "bootstrap", "--team", "Solo", "--email", "owner@solo.example"],
+            env,
+            tmp_path,
+        ).splitlines()[-1]
+    )
+    headers = {"Authorization": f"Bearer {created['api_key']}"}
+
+    first = await start(tmp_path, env, "first")
+    try:
+        async with httpx.AsyncClient(base_url=first.url, timeout=15) as http:
+            session_id = (await http.post("/chat/sessions", json={}, headers=headers)).json()["id"]
+        ws = await connect_to(first, created["api_key"])
+        await join(ws, session_id)
+        reply_id = await send(ws, session_id, "m1")
+        # 30 of 100 deltas (0.75 s at 40 a second): a few checkpoints stored.
+        await count_deltas(ws, reply_id, 30)
+        first.kill9()
+        seen = deltas(ws.seen, reply_id)
+        last_seen = max(e["seq"] for e in events(ws.seen, session_id))
+        await ws.close()
+    finally:
+        await reap(first.proc)
+
+    second = await start(tmp_path, env, "second")
+    try:
+        async with httpx.AsyncClient(base_url=second.url, timeout=15) as http:
+            r = await http.get(f"/chat/sessions/{session_id}/messages", headers=headers)
+            (reply,) = [m for m in r.json()["items"] if m["id"] == reply_id]
+        # Ended before the server took a request, with the last checkpoint:
+        # some of what was streamed, never more.
+        assert reply["status"] == "failed" and reply["stop_reason"] == "error"
+        assert reply["content"] and seen.startswith(reply["content"]), (reply, seen)
+        assert FULL_TEXT.startswith(seen) and seen != FULL_TEXT
+
+        ws = await connect_to(second, created["api_key"])
+        try:
+            ack = await join(ws, session_id, after_seq=last_seen)
+            # The seqs the dead process gave out are not given out again:
+            # the client is told to reload, and new events come after them.
+            assert ack["recovered"] is False, ack
+            assert ack["last_seq"] > last_seen, ack
+            next_id = await send(ws, session_id, "m2")
+            frames = await ws.until(reply_end(next_id), timeout=15)
+            assert frames[-1]["type"] == "reply.completed"
+            assert deltas(frames, next_id) == FULL_TEXT
+            new_seqs = [e["seq"] for e in events(ws.seen, session_id)]
+            assert new_seqs == list(range(ack["last_seq"] + 1, ack["last_seq"] + 1 + len(new_seqs)))
+        finally:
+            await ws.close()
+    finally:
+        await reap(second.proc)
