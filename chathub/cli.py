@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 
+from pydantic import ValidationError
+
+from chathub import logs
 from chathub.config import ConfigError, Settings
 
 
@@ -27,6 +29,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host,
         port=args.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers go through chathub.logs' handler
         **uvicorn_settings(settings),
         proxy_headers=True,
         timeout_graceful_shutdown=10,
@@ -95,11 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # Alembic lists the plugins it sets up on every run: noise, not progress.
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
         settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"CHATHUB_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        print(f"chathub: bad settings: {problems}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    try:
         result: int = args.func(args, settings)
     except ConfigError as exc:
         print(f"chathub: {exc}", file=sys.stderr)

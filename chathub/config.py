@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=25 * 1024 * 1024, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     log_level: str = "info"
+    # json: a JSON object per line; text; auto: text on a terminal, else JSON.
+    log_format: Literal["auto", "json", "text"] = "auto"
 
     # WebSocket transport
     allowed_origins: list[str] = Field(default_factory=list)

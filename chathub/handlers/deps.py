@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chathub import logs
 from chathub.auth import ROLE_RANK, Principal, looks_like_api_key
 from chathub.errors import Forbidden, Unauthorized
 from chathub.server.state import AppState
@@ -85,7 +86,9 @@ async def current_principal(
     transaction (or a route with none, like a streaming one) never waits on it."""
     token = bearer_token(authorization)
     async with state.sessionmaker() as db, db.begin():
-        return await authenticate(state, db, token)
+        principal = await authenticate(state, db, token)
+    logs.bind(team=principal.team_id)
+    return principal
 
 
 CurrentUser = Annotated[Principal, Depends(current_principal)]

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from chathub import logs
 from chathub.auth import Principal
 from chathub.config import Settings
 from chathub.errors import BadRequest, ChathubError, Forbidden, Unauthorized, Unavailable
@@ -84,6 +85,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         return
     principal, auth_id = authenticated
     conn = Connection(websocket, new_id(), principal, settings.ws_send_queue)
+    logs.bind(request=conn.id, team=principal.team_id)
     hub = state.hub
     try:
         await _greet(state, conn, auth_id)  # the first frame, before the hub sends any

@@ -10,9 +10,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chathub import __version__
+from chathub import __version__, logs
 from chathub.auth import TokenCodec
 from chathub.config import Settings
 from chathub.llm.factory import create_provider
@@ -50,7 +50,25 @@ class ChathubApp(FastAPI):
         if scope["type"] == "websocket" and _route_path(scope) == self.socket_path:
             await self.socket_app(scope, receive, send)
             return
+        if scope["type"] == "http":
+            send = _with_request_id(scope, send)
         await super().__call__(scope, receive, send)
+
+
+def _with_request_id(scope: Scope, send: Send) -> Send:
+    """Bind the request's id for its log records (the client's
+    ``X-Request-ID``, or a new one) and send it back in the response."""
+    header = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+    request_id = logs.request_id_from(header)
+    logs.bind(request=request_id)
+    echoed = (b"x-request-id", request_id.encode())
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), echoed]}
+        await send(message)
+
+    return send_with_id
 
 
 def _route_path(scope: Scope) -> str:

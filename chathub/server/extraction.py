@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from chathub import logs
 from chathub.errors import ChathubError
 from chathub.llm.base import ChatTurn, CompletionRequest, LLMProvider, TextDelta
 from chathub.llm.extraction import (
@@ -87,6 +88,7 @@ class Extractor:
         task.add_done_callback(lambda _t: self._running.pop(session_id, None))
 
     async def _run_quietly(self, team_id: str, session_id: str) -> None:
+        logs.bind(team=team_id, session=session_id, reply=None)
         await self.run(team_id, session_id)
 
     async def run(self, team_id: str, session_id: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import orjson
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from chathub import logs
 from chathub.auth import Principal
 from chathub.config import Settings
 from chathub.errors import (
@@ -393,6 +394,9 @@ class Replies:
     # -- generating --------------------------------------------------------
 
     async def _run(self, run: ReplyRun, user_message: dict[str, Any]) -> None:
+        # Its own task: these ids (and the sending request's) stay with it
+        # and the tasks it starts, and go no further.
+        logs.bind(team=run.team_id, session=run.session_id, reply=run.reply_id)
         helpers = [asyncio.create_task(self._keep_lease(run))]
         if self.settings.reply_checkpoint_s > 0:
             helpers.append(asyncio.create_task(self._checkpoint(run)))

@@ -10,6 +10,7 @@ import logging
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from chathub import logs
 from chathub.llm.base import LLMProvider, TextDelta
 from chathub.llm.context import Counter, HistoryItem, summary_prompt
 from chathub.llm.retry import stream_with_retry
@@ -50,6 +51,7 @@ class SessionSummarizer:
         task.add_done_callback(lambda _t: self._running.pop(session_id, None))
 
     async def refresh(self, team_id: str, session_id: str) -> None:
+        logs.bind(team=team_id, session=session_id, reply=None)
         try:
             async with self.sessionmaker() as db:
                 previous = await summaries.latest(db, session_id=session_id)
