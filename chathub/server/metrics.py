@@ -31,6 +31,13 @@ HTTP_LATENCY = Histogram(
     "chathub_http_request_seconds", "HTTP latency by route", ["method", "route", "status"]
 )
 SEND_QUEUE_DEPTH = Gauge("chathub_send_queue_depth", "Frames queued for sockets, in total")
+BUS_LAG = Histogram(
+    "chathub_bus_lag_seconds",
+    "Round trip of a PING on this instance's Redis pub/sub connection, read behind"
+    " everything queued before it: how late that connection's messages are handled",
+    ["subscription"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 
 
 class HttpMetrics:

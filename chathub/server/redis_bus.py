@@ -30,6 +30,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from chathub.server import metrics
 from chathub.server.bus import Handler
 
 log = logging.getLogger("chathub.bus")
@@ -47,6 +48,8 @@ T = TypeVar("T")
 
 POOL_SIZE = 256
 POOL_WAIT_S = 5.0
+LAG_PROBE_S = 5.0
+LAG_PROBE = b"chathub-lag"
 
 
 def redis_client(url: str, *, name: str | None = None) -> aioredis.Redis:
@@ -110,7 +113,11 @@ class RedisSubscription:
         reconnect_min_s: float = 0.05,
         reconnect_max_s: float = 5.0,
         ping_interval_s: float = 10.0,
+        role: str = "bus",
+        lag_probe_s: float = LAG_PROBE_S,
     ) -> None:
+        """``role`` labels its ``chathub_bus_lag_seconds``, measured every
+        ``lag_probe_s``."""
         self.name = name
         self._url = url
         self._patterns = list(patterns)
@@ -120,6 +127,8 @@ class RedisSubscription:
         self._reconnect_min_s = reconnect_min_s
         self._reconnect_max_s = reconnect_max_s
         self._ping_interval_s = ping_interval_s
+        self._lag = metrics.BUS_LAG.labels(subscription=role)
+        self._lag_probe_s = lag_probe_s
         self._client: aioredis.Redis | None = None
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
@@ -208,14 +217,20 @@ class RedisSubscription:
     async def _read(self, pubsub: aioredis.client.PubSub) -> None:
         """Read until the connection fails. After ``ping_interval_s`` of
         silence a PING goes out; no answer within as long again means the
-        connection is dead even if TCP has not noticed."""
+        connection is dead even if TCP has not noticed. Every
+        ``lag_probe_s`` a PING of its own measures the lag: its answer
+        comes after every message published before it."""
         loop = asyncio.get_running_loop()
-        poll_s = min(1.0, self._ping_interval_s / 2)
-        heard = loop.time()
+        poll_s = min(1.0, self._ping_interval_s / 2, self._lag_probe_s)
+        heard = probed = loop.time()
         pinged_at: float | None = None
+        probe_sent: float | None = None
         while True:
             message = await pubsub.get_message(timeout=poll_s)
             now = loop.time()
+            if probe_sent is None and now - probed >= self._lag_probe_s:
+                await pubsub.ping(LAG_PROBE)
+                probe_sent = now
             if message is None:
                 if pinged_at is not None:
                     if now - pinged_at > self._ping_interval_s:
@@ -225,8 +240,12 @@ class RedisSubscription:
                     pinged_at = now
                 continue
             heard, pinged_at = now, None
-            if message["type"] in ("pmessage", "message"):
+            kind = message["type"]
+            if kind in ("pmessage", "message"):
                 await self._dispatch(message)
+            elif kind == "pong" and probe_sent is not None and message["data"] == LAG_PROBE:
+                self._lag.observe(now - probe_sent)
+                probe_sent, probed = None, now
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
         channel = message["channel"]

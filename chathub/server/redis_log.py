@@ -134,6 +134,7 @@ class RedisSessionLog:
             name=f"{prefix}:log:{secrets.token_hex(4)}",
             reconnect_max_s=reconnect_max_s,
             ping_interval_s=ping_interval_s,
+            role="log",
         )
 
     # -- keys --------------------------------------------------------------

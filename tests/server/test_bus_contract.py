@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from chathub.server.bus import Bus, MemoryBus
-from chathub.server.redis_bus import RedisBus
+from chathub.server.redis_bus import RedisBus, RedisSubscription
 from tests.harness import REDIS_URL
 from tests.server.test_session_log_contract import (
     RedisProxy,
@@ -221,3 +223,43 @@ async def test_bus_reports_an_outage_and_recovers() -> None:
         for bus in buses.made:
             await bus.close()
         await proxy.stop()
+
+
+@pytest.mark.redis
+async def test_a_subscription_measures_how_late_it_reads() -> None:
+    role = f"lag-{secrets.token_hex(3)}"
+
+    def observed(above: str | None = None) -> float:
+        count = REGISTRY.get_sample_value("chathub_bus_lag_seconds_count", {"subscription": role})
+        if above is None:
+            return count or 0.0
+        within = REGISTRY.get_sample_value(
+            "chathub_bus_lag_seconds_bucket", {"subscription": role, "le": above}
+        )
+        return (count or 0.0) - (within or 0.0)
+
+    channel = f"chathub-test-{secrets.token_hex(4)}"
+    handled: list[bytes] = []
+
+    async def slow_handler(_channel: bytes, data: bytes) -> None:
+        await asyncio.sleep(0.4)
+        handled.append(data)
+
+    subscription = RedisSubscription(
+        REDIS_URL, channels=[channel], on_message=slow_handler, role=role, lag_probe_s=0.05
+    )
+    publisher = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await subscription.start()
+        # Quiet: a probe every 0.05 s, each answered at once.
+        await eventually(lambda: observed() >= 3)
+        assert observed(above="0.5") == 0
+        # Three messages at once, 0.4 s each to handle: a probe sent after
+        # the first is read after the other two, at least 0.8 s late.
+        for n in range(3):
+            await publisher.publish(channel, f"m{n}")
+        await eventually(lambda: len(handled) == 3)
+        await eventually(lambda: observed(above="0.5") >= 1)
+    finally:
+        await subscription.close()
+        await publisher.aclose()
