@@ -179,7 +179,14 @@ def metric(name: str) -> float:
 
 class RawSocket:
     """A WebSocket client over a plain socket that reads only when told to:
-    a reader that stops reading, with a small receive buffer."""
+    a reader that stops reading.
+
+    Its receive buffer is set, not autotuned (a reader that stops reading
+    never grows it), but it holds several segments: a buffer of about one
+    loopback segment (64 KiB) or less makes the peer's send window close on
+    every segment, and once the reader reads again the data trickles in at
+    one segment per zero-window probe, minutes for the megabytes the
+    server's kernel queued meanwhile."""
 
     def __init__(self, sock: socket.socket, proto: ClientProtocol) -> None:
         self.sock = sock
@@ -187,7 +194,7 @@ class RawSocket:
         self.loop = asyncio.get_running_loop()
 
     @classmethod
-    async def connect(cls, url: str, token: str, rcvbuf: int = 4096) -> RawSocket:
+    async def connect(cls, url: str, token: str, rcvbuf: int = 256 * 1024) -> RawSocket:
         uri = parse_uri(url)
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
