@@ -13,10 +13,12 @@ end while the transport takes data, and queue, in order, while it is paused.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from starlette.websockets import WebSocketState
 
+from chathub import logs
 from chathub.auth import Principal
 from chathub.server import connection as connection_module
 from chathub.server.connection import Connection
@@ -192,6 +194,39 @@ async def test_the_frames_of_a_loop_turn_go_out_at_its_end_in_one_write_with_no_
     conns[0].send("5")  # a later turn: a write of its own
     await asyncio.sleep(0)
     assert sockets[0].writes[-1] == ["5"] and sockets[1].writes == [["0", "1", "2", "3", "4"]]
+
+
+async def test_the_end_of_turn_write_logs_with_no_task_s_ids() -> None:
+    class BrokenSocket(DirectSocket):
+        def now(self, texts: list[str]) -> bool:
+            raise OSError("gone")
+
+    class Ids(logging.Handler):
+        """The ids bound where each record is logged."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, str | None, str | None]] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.seen.append((record.getMessage(), logs.reply_id.get(), logs.session_id.get()))
+
+    conn = new_connection(BrokenSocket())
+
+    async def a_reply() -> None:
+        logs.bind(reply="r-1", session="s-1")
+        conn.send("x")  # the turn's first frame: it schedules the write
+
+    ids = Ids()
+    logger = logging.getLogger("chathub.ws")
+    logger.addHandler(ids)
+    try:
+        await asyncio.create_task(a_reply())
+        await asyncio.sleep(0)
+    finally:
+        logger.removeHandler(ids)
+    # Written for every socket at once: not the reply's record.
+    assert ids.seen == [("writing to c1 failed", None, None)]
 
 
 async def test_frames_held_for_the_end_of_the_turn_go_out_before_a_close() -> None:
