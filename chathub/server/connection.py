@@ -78,7 +78,6 @@ def _send_now_of(websocket: WebSocket | None) -> SendNow | None:
 
 _holding: dict[asyncio.AbstractEventLoop, list[Connection]] = {}
 """Per event loop, the connections holding frames for the end of its turn."""
-_NO_IDS = contextvars.Context()
 
 
 def _hold(conn: Connection) -> None:
@@ -86,10 +85,10 @@ def _hold(conn: Connection) -> None:
     held = _holding.get(loop)
     if held is None:
         held = _holding[loop] = []
-        # Runs after every callback already due in this turn; in a context
-        # of its own, not that of whichever task held the first frame (its
-        # log records would carry that task's ids).
-        loop.call_soon(_write_all_held, loop, context=_NO_IDS)
+        # Runs after every callback already due in this turn; in an empty
+        # context, not that of whichever task held the first frame (its log
+        # records would carry that task's ids).
+        loop.call_soon(_write_all_held, loop, context=contextvars.Context())
     held.append(conn)
 
 
