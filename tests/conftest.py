@@ -15,13 +15,9 @@ import pytest
 from tests.harness import (
     RunningServer,
     TeamFixture,
-    create_pg_database,
-    drop_pg_database,
     http_client,
     make_team,
-    pg_url,
-    start_server,
-    test_settings,
+    server_on,
     wipe,
 )
 
@@ -31,19 +27,8 @@ async def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningServer]:
     data_dir: Path = tmp_path_factory.mktemp(f"data-{request.param}")
-    pg_name = None
-    if request.param == "postgres":
-        pg_name = await create_pg_database()  # this run's own, dropped at the end
-        url = pg_url(pg_name)
-    else:
-        url = f"sqlite+aiosqlite:///{data_dir / 'chathub.db'}"
-    running = await start_server(test_settings(url, data_dir))
-    try:
+    async with server_on(request.param, data_dir) as running:  # PostgreSQL: this run's own
         yield running
-    finally:
-        await running.stop()
-        if pg_name is not None:
-            await drop_pg_database(pg_name)
 
 
 @pytest.fixture

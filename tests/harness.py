@@ -126,6 +126,26 @@ async def start_server(settings: Settings, *, migrate: bool = True) -> RunningSe
     return RunningServer(settings, port, app.state.chathub, server, task)
 
 
+@contextlib.asynccontextmanager
+async def server_on(backend: str, data_dir: Path, **overrides: Any) -> AsyncIterator[RunningServer]:
+    """A server of its own on ``sqlite`` (a file in ``data_dir``) or on
+    ``postgres`` (a database of its own, dropped afterwards), with
+    ``overrides`` applied to the test settings."""
+    pg_name = None
+    if backend == "postgres":
+        pg_name = await create_pg_database()
+        url = pg_url(pg_name)
+    else:
+        url = f"sqlite+aiosqlite:///{data_dir / 'chathub.db'}"
+    server = await start_server(test_settings(url, data_dir, **overrides))
+    try:
+        yield server
+    finally:
+        await server.stop()
+        if pg_name is not None:
+            await drop_pg_database(pg_name)
+
+
 async def wipe(state: AppState) -> None:
     """Empty every table, children first, so each test starts clean."""
     async with transaction(state.sessionmaker) as db:

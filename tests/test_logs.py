@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from chathub import logs
-from tests.scaleout.conftest import PY, Instance, free_port, reap, spawn
+from tests.scaleout.conftest import reap, spawn_serve
 from tests.test_cli import CHATHUB, run
 
 
@@ -150,13 +150,9 @@ async def test_serve_writes_json_lines_with_the_ids_of_each_request(tmp_path: Pa
     assert all(json.loads(line)["logger"] for line in err.splitlines())
     headers = {"Authorization": f"Bearer {created['api_key']}"}
 
-    port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CHATHUB_")}
     log = tmp_path / "serve.log"
-    proc = spawn(
-        [PY, "-m", "chathub", "serve", "--port", str(port)], env=clean | env, log=log, cwd=tmp_path
-    )
-    server = Instance("serve", port, proc, log)
+    server = spawn_serve("serve", clean | env, log, tmp_path)
     try:
         await server.wait_ready()
         async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=15) as http:
@@ -174,7 +170,7 @@ async def test_serve_writes_json_lines_with_the_ids_of_each_request(tmp_path: Pa
             refused = await http.get("/chat/sessions", headers={"Authorization": "Bearer nope"})
             assert refused.status_code == 401 and refused.headers["x-request-id"]
     finally:
-        await reap(proc)
+        await reap(server.proc)
 
     records = [json.loads(line) for line in log.read_text().splitlines()]
     access = [r for r in records if r["logger"] == "uvicorn.access"]

@@ -285,6 +285,20 @@ class Instance:
                 await asyncio.sleep(0.1)
 
 
+def spawn_serve(name: str, env: dict[str, str], log: Path, cwd: Path) -> Instance:
+    """``python -m chathub serve`` on a free port, its output to ``log``.
+    ``cwd``: not the checkout: ``-m`` puts the working directory first on
+    sys.path, and PYTHONPATH (a patched copy) should win over it."""
+    port = free_port()
+    proc = spawn(
+        [PY, "-m", "chathub", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        log=log,
+        cwd=cwd,
+    )
+    return Instance(name, port, proc, log)
+
+
 @dataclass
 class Deployment:
     """The module's database, with a bootstrapped team, and a place for logs."""
@@ -343,18 +357,10 @@ class Cluster:
     def _spawn(self, index: int, settings: dict[str, Any]) -> Instance:
         name = "ABCDEFGH"[index] if index < 8 else f"I{index}"
         data_dir = self.deployment.tmp / f"data-{name}-{os.urandom(3).hex()}"
-        log = data_dir.with_suffix(".log")
         data_dir.mkdir(parents=True)
-        port = free_port()
-        proc = spawn(
-            [PY, "-m", "chathub", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=self.deployment.env(data_dir, **settings),
-            log=log,
-            # Not the checkout: ``-m`` puts the working directory first on
-            # sys.path, and PYTHONPATH (a patched copy) should win over it.
-            cwd=data_dir,
+        return spawn_serve(
+            name, self.deployment.env(data_dir, **settings), data_dir.with_suffix(".log"), data_dir
         )
-        return Instance(name, port, proc, log)
 
     async def stop(self) -> None:
         await asyncio.gather(*(reap(i.proc) for i in self.instances), return_exceptions=True)

@@ -13,19 +13,17 @@ import pytest
 
 from tests.scaleout.conftest import (
     FULL_TEXT,
-    PY,
     Instance,
     chathub_env,
     connect_to,
     count_deltas,
     deltas,
     events,
-    free_port,
     join,
     reap,
     run_cli,
     send,
-    spawn,
+    spawn_serve,
 )
 from tests.wsclient import reply_end
 
@@ -43,15 +41,7 @@ def embedded_env(tmp: Path) -> dict[str, str]:
 
 
 async def start(tmp: Path, env: dict[str, str], name: str) -> Instance:
-    port = free_port()
-    log = tmp / f"{name}.log"
-    proc = spawn(
-        [PY, "-m", "chathub", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        log=log,
-        cwd=tmp,
-    )
-    instance = Instance(name, port, proc, log)
+    instance = spawn_serve(name, env, tmp / f"{name}.log", tmp)
     await instance.wait_ready()
     return instance
 

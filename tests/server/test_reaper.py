@@ -7,9 +7,7 @@ out are never handed out again."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +22,8 @@ from chathub.storage.models import ChatSession, Message
 from chathub.storage.repositories import sessions as sessions_repo
 from tests.harness import (
     RunningServer,
-    create_pg_database,
-    drop_pg_database,
     make_team,
-    pg_url,
+    server_on,
     start_server,
     test_settings,
 )
@@ -44,26 +40,6 @@ from tests.wsclient import WsClient, reply_end
 SLOW_TEXT = "".join(f"word{i:03d} " for i in range(80))  # 640 characters, 160 chunks, 4 s
 
 
-@contextlib.asynccontextmanager
-async def backend_server(
-    backend: str, tmp_path: Path, **overrides: Any
-) -> AsyncIterator[RunningServer]:
-    """A server of its own on SQLite or on a PostgreSQL database of its own."""
-    pg_name = None
-    if backend == "postgres":
-        pg_name = await create_pg_database()
-        url = pg_url(pg_name)
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
-    server = await start_server(test_settings(url, tmp_path, **overrides))
-    try:
-        yield server
-    finally:
-        await server.stop()
-        if pg_name is not None:
-            await drop_pg_database(pg_name)
-
-
 async def stored_last_seq(server: RunningServer, session_id: str) -> int:
     async with server.state.sessionmaker() as db:
         return await sessions_repo.stored_last_seq(db, session_id=session_id)
@@ -72,7 +48,7 @@ async def stored_last_seq(server: RunningServer, session_id: str) -> int:
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_a_streaming_reply_stores_its_text_so_far(backend: str, tmp_path: Path) -> None:
     llm = scripted(text=SLOW_TEXT, chunk=4, rate=40)
-    async with backend_server(
+    async with server_on(
         backend, tmp_path, llm=llm, coalesce_ms=0, reply_checkpoint_s=0.2
     ) as server:
         team = await make_team(server.state)
@@ -119,7 +95,7 @@ async def test_a_streaming_reply_stores_its_text_so_far(backend: str, tmp_path: 
 
 async def test_with_checkpoints_off_a_streaming_reply_shows_no_text(tmp_path: Path) -> None:
     llm = scripted(text=SLOW_TEXT, chunk=4, rate=40)
-    async with backend_server(
+    async with server_on(
         "sqlite", tmp_path, llm=llm, coalesce_ms=0, reply_checkpoint_s=0
     ) as server:
         owner = (await make_team(server.state)).owner

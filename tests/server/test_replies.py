@@ -17,12 +17,8 @@ from chathub.storage.repositories import sessions as sessions_repo
 from tests.harness import (
     RunningServer,
     TeamFixture,
-    create_pg_database,
-    drop_pg_database,
     make_team,
-    pg_url,
-    start_server,
-    test_settings,
+    server_on,
 )
 from tests.server.test_ws import (
     assert_contiguous,
@@ -426,51 +422,50 @@ async def test_one_message_stored_at_once_by_two_instances_is_stored_and_answere
     transaction fails there, and it answers as to a resend, naming the
     winner's message and reply. PostgreSQL only: SQLite's one connection
     serialises the two transactions, so the second finds the first's row."""
-    name = await create_pg_database()
-    server = await start_server(test_settings(pg_url(name), tmp_path))
-    leases = BothAdmitted()
-    st = server.state
-    instances = [
-        Replies(
-            settings=st.settings,
-            sessionmaker=st.sessionmaker,
-            session_log=st.session_log,
-            bus=st.bus,
-            provider=st.provider,
-            leases=leases,
-        )
-        for _ in range(2)
-    ]
-    try:
-        team = await make_team(st)
-        async with transaction(st.sessionmaker) as db:
-            chat = await sessions_repo.create_session(
-                db, team_id=team.team_id, title="race", mode="chat", created_by=None
+    async with server_on("postgres", tmp_path) as server:
+        leases = BothAdmitted()
+        st = server.state
+        instances = [
+            Replies(
+                settings=st.settings,
+                sessionmaker=st.sessionmaker,
+                session_log=st.session_log,
+                bus=st.bus,
+                provider=st.provider,
+                leases=leases,
             )
-        principal = Principal(member_id=team.owner.member_id, team_id=team.team_id, role="owner")
-        results = await asyncio.gather(
-            *(
-                replies.send(principal, session_id=chat.id, client_msg_id="same", content="hi")
-                for replies in instances
-            )
-        )
-        assert sorted(r.duplicate for r in results) == [False, True], results
-        first, second = results
-        assert first.message == second.message and first.reply_id == second.reply_id
-        assert first.reply_id is not None
-        for replies in instances:
-            await replies.wait(first.reply_id)
-        async with st.sessionmaker() as db:
-            page = await sessions_repo.list_messages(
-                db, team_id=team.team_id, session_id=chat.id, limit=10, cursor=None
-            )
-        assert [(m.role, m.status) for m in page.items] == [
-            ("user", "complete"),
-            ("assistant", "complete"),
+            for _ in range(2)
         ]
-        assert page.items[1].id == first.reply_id
-    finally:
-        for replies in instances:
-            await replies.close()
-        await server.stop()
-        await drop_pg_database(name)
+        try:
+            team = await make_team(st)
+            async with transaction(st.sessionmaker) as db:
+                chat = await sessions_repo.create_session(
+                    db, team_id=team.team_id, title="race", mode="chat", created_by=None
+                )
+            principal = Principal(
+                member_id=team.owner.member_id, team_id=team.team_id, role="owner"
+            )
+            results = await asyncio.gather(
+                *(
+                    replies.send(principal, session_id=chat.id, client_msg_id="same", content="hi")
+                    for replies in instances
+                )
+            )
+            assert sorted(r.duplicate for r in results) == [False, True], results
+            first, second = results
+            assert first.message == second.message and first.reply_id == second.reply_id
+            assert first.reply_id is not None
+            for replies in instances:
+                await replies.wait(first.reply_id)
+            async with st.sessionmaker() as db:
+                page = await sessions_repo.list_messages(
+                    db, team_id=team.team_id, session_id=chat.id, limit=10, cursor=None
+                )
+            assert [(m.role, m.status) for m in page.items] == [
+                ("user", "complete"),
+                ("assistant", "complete"),
+            ]
+            assert page.items[1].id == first.reply_id
+        finally:
+            for replies in instances:
+                await replies.close()
