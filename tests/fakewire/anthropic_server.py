@@ -78,6 +78,13 @@ class TextReply:
     """End the response after the chunks with no closing events."""
     delay_s: float = 0.0
     """Pause before each delta."""
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    """Prompt-cache writes and reads, in ``message_start``'s usage beside
+    ``input_tokens``, as the API reports them."""
+    extra_events: Sequence[tuple[str, str]] = ()
+    """Raw ``(event name, data)`` pairs sent after ``content_block_start``
+    (and the ping), before the text: other blocks, unknown event types."""
 
 
 @dataclass(frozen=True)
@@ -203,7 +210,7 @@ def _error(reply: ErrorReply, request_id: str) -> Response:
     )
 
 
-def _start(model: str, input_tokens: int) -> bytes:
+def _start(model: str, input_tokens: int, cache_write: int = 0, cache_read: int = 0) -> bytes:
     message: dict[str, Any] = {
         "id": f"msg_{secrets.token_hex(12)}",
         "type": "message",
@@ -212,7 +219,12 @@ def _start(model: str, input_tokens: int) -> bytes:
         "model": model,
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+        "usage": {
+            "input_tokens": input_tokens,
+            "cache_creation_input_tokens": cache_write,
+            "cache_read_input_tokens": cache_read,
+            "output_tokens": 1,
+        },
     }
     return _event({"type": "message_start", "message": message})
 
@@ -236,7 +248,15 @@ def _end(stop_reason: str, output_tokens: int) -> list[bytes]:
 
 
 async def _events(reply: TextReply | ToolUseReply, model: str) -> AsyncIterator[bytes]:
-    yield _start(model, reply.input_tokens)
+    if isinstance(reply, TextReply):
+        yield _start(
+            model,
+            reply.input_tokens,
+            reply.cache_creation_input_tokens,
+            reply.cache_read_input_tokens,
+        )
+    else:
+        yield _start(model, reply.input_tokens)
     if isinstance(reply, ToolUseReply):
         block = {"type": "tool_use", "id": f"toolu_{secrets.token_hex(8)}", "name": reply.name}
         yield _event(
@@ -253,6 +273,8 @@ async def _events(reply: TextReply | ToolUseReply, model: str) -> AsyncIterator[
     yield _event({"type": "content_block_start", "index": 0, "content_block": text_block})
     if reply.ping:
         yield sse(json.dumps({"type": "ping"}), event="ping")
+    for name, data in reply.extra_events:
+        yield sse(data, event=name)
     for chunk in reply.chunks:
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)

@@ -69,6 +69,9 @@ class ChatReply:
     error_code: str | None = None
     delay_s: float = 0.0
     """Pause before each content chunk."""
+    extra_choices: Sequence[dict[str, Any]] = ()
+    """Choice objects sent one per chunk after the first (role) chunk: other
+    choices' ``index``, deltas without ``content``."""
 
 
 @dataclass(frozen=True)
@@ -177,10 +180,15 @@ async def _chunks(reply: ChatReply, model: str, *, include_usage: bool) -> Async
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return choices_chunk(choice)
+
+    def choices_chunk(choice: dict[str, Any]) -> bytes:
         extra = {"usage": None} if include_usage else {}
         return sse(json.dumps({**base, "choices": [choice], **extra}))
 
     yield chunk({"role": "assistant", "content": "", "refusal": None})
+    for choice in reply.extra_choices:
+        yield choices_chunk(choice)
     for piece in reply.chunks:
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)

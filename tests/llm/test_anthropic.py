@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 
@@ -73,6 +74,66 @@ async def test_streams_text_usage_and_stop_reason(
         TextDelta("lo"),
         TextDelta(" world"),
         StreamEnd("end_turn", Usage(input_tokens=11, output_tokens=6)),
+    ]
+
+
+async def test_input_tokens_count_cache_writes_and_reads(
+    anthropic_wire: AnthropicWire, anthropic_provider: AnthropicProvider
+) -> None:
+    anthropic_wire.enqueue(
+        TextReply(
+            ["Hi"],
+            input_tokens=5,
+            cache_creation_input_tokens=100,
+            cache_read_input_tokens=2000,
+            output_tokens=1,
+        )
+    )
+    events = await collect(anthropic_provider, ask())
+    assert events[-1] == StreamEnd("end_turn", Usage(input_tokens=2105, output_tokens=1))
+
+
+async def test_other_blocks_and_unknown_events_are_not_text(
+    anthropic_wire: AnthropicWire, anthropic_provider: AnthropicProvider
+) -> None:
+    """A thinking block, an event type this code does not know, and a data
+    line that is not an event object pass without a delta or a failure."""
+
+    def event(data: object) -> tuple[str, str]:
+        name = data["type"] if isinstance(data, dict) else "content_block_delta"
+        return name, json.dumps(data)
+
+    thinking = {"type": "thinking_delta", "thinking": "Let me see."}
+    anthropic_wire.enqueue(
+        TextReply(
+            ["Yes", "."],
+            extra_events=[
+                event(
+                    {
+                        "type": "content_block_start",
+                        "index": 1,
+                        "content_block": {"type": "thinking"},
+                    }
+                ),
+                event({"type": "content_block_delta", "index": 1, "delta": thinking}),
+                event(
+                    {
+                        "type": "content_block_delta",
+                        "index": 1,
+                        "delta": {"type": "signature_delta"},
+                    }
+                ),
+                event({"type": "content_block_stop", "index": 1}),
+                event({"type": "message_annotation", "note": "new in some later API"}),
+                event(["not", "an", "object"]),
+            ],
+        )
+    )
+    events = await collect(anthropic_provider, ask())
+    assert events == [
+        TextDelta("Yes"),
+        TextDelta("."),
+        StreamEnd("end_turn", Usage(input_tokens=11, output_tokens=2)),
     ]
 
 

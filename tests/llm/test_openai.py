@@ -61,6 +61,32 @@ async def test_streams_chunks_then_usage_then_done(
     ]
 
 
+async def test_only_the_first_choice_content_is_text(
+    openai_wire: OpenAIWire, openai_provider: OpenAIProvider
+) -> None:
+    """Another choice's deltas, a reasoning delta without ``content``, a
+    null delta: none is a text delta, and none ends the stream early."""
+    openai_wire.enqueue(
+        ChatReply(
+            ["Fine", "."],
+            prompt_tokens=4,
+            completion_tokens=2,
+            extra_choices=[
+                {"index": 1, "delta": {"content": "other"}, "finish_reason": None},
+                {"index": 0, "delta": {"reasoning_content": "thinking"}, "finish_reason": None},
+                {"index": 0, "delta": None, "finish_reason": None},
+                {"index": 1, "delta": {}, "finish_reason": "stop"},
+            ],
+        )
+    )
+    events = await collect(openai_provider, ask())
+    assert events == [
+        TextDelta("Fine"),
+        TextDelta("."),
+        StreamEnd("end_turn", Usage(input_tokens=4, output_tokens=2)),
+    ]
+
+
 async def test_request_carries_model_messages_limits_and_usage_option(
     openai_wire: OpenAIWire, openai_provider: OpenAIProvider
 ) -> None:
