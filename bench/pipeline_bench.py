@@ -1,54 +1,130 @@
 """The reply pipeline's cost per token, in process, without sockets.
 
-    .venv/bin/python bench/pipeline_bench.py   # printed; ~10 s
+    .venv/bin/python bench/pipeline_bench.py                     # -> pipeline_results.md, ~3 min
+    .venv/bin/python bench/pipeline_bench.py --baseline 1378a2c  # and that commit, alternating
+    .venv/bin/python bench/pipeline_bench.py --cases scripted-fast  # the first three rows only
 
-50 replies at once, as in ``hub_bench.py``'s 50-session runs: each the
-scripted provider at full speed (2000 two-character chunks, one turn of the
-event loop each), through the reply pump's loop, the output guardrail and
-coalescer (``DeltaWriter``, the chat mode's policy) into the in-memory
-session log, with no listener: no hub, no socket, no database. Pinned to one
-core; CPU time per token, median of 7 rounds, for the provider alone and for
-the whole pipeline with coalescing off and at 30 ms.
+Each case runs 50 replies at once, as in ``hub_bench.py``'s 50-session runs,
+from one provider: through the reply pump's loop, then (but for the rows
+"alone") the output guardrail and coalescer (``DeltaWriter``, the chat
+mode's policy) into the in-memory session log, with no listener: no hub, no
+socket, no database. The measuring process is pinned to core 0; CPU time per
+token, median of the rounds.
 
-What it is for: the hub benchmark's 50-session runs pay this per token before
-any frame is written, so it bounds what they can reach.
+Providers:
+
+* ``scripted``: 2000 two-character chunks, at full speed (one turn of the
+  event loop each) or paced at 250 chunks/s per reply.
+* ``anthropic`` and ``openai``: the providers of production, through the
+  official SDKs, against the test suite's fake Messages and chat-completions
+  APIs (``tests/fakewire``), served by a process on core 1. A reply is 1000
+  ``text_delta`` events (or chunks) of two characters, sent as fast as the
+  fake server goes (``fast``: the client reads several per network read when
+  it falls behind) or paced at 250 per second per reply (``paced``: as a model
+  streams, about one event per read; what production pays).
+
+What it is for: the hub benchmark's 50-session runs pay the scripted rows per
+token before any frame is written; a server streaming from a real model pays
+the SDK rows.
+
+With ``--baseline REV`` every case also runs with chathub as committed at REV
+(``git archive``, first on the measuring process's path), alternating with
+the work tree, so that both see the same machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-import uvloop
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from bare_ws_server import reply_text  # noqa: E402
+from hub_bench import PY, _cpu_model, _export, _git, _kill, _kill_all, _on_signal  # noqa: E402
 
-from chathub.llm.base import ChatTurn, CompletionRequest, StreamEnd, TextDelta  # noqa: E402
-from chathub.llm.modes import get_mode, mode_policy  # noqa: E402
-from chathub.llm.scripted import ScriptedProvider  # noqa: E402
-from chathub.server.reply_stream import DeltaWriter  # noqa: E402
-from chathub.server.session_log import MemorySessionLog  # noqa: E402
-
-REPLIES, TOKENS, CHUNK, ROUNDS = 50, 2000, 2, 7
-TEXT = reply_text(TOKENS, CHUNK)
-REQUEST = CompletionRequest(turns=[ChatTurn("user", "hi")], max_tokens=TOKENS * CHUNK)
+REPLIES, CHUNK, PACE = 50, 2, 250.0
+WIRE_TOKENS = 1000  # per reply of the fake APIs
+MODES = {"alone": None, "coalescing off": 0.0, "coalescing 30 ms": 0.03}
 
 
-async def _reply(
-    provider: ScriptedProvider, log: MemorySessionLog, n: int, coalesce_s: float | None
-) -> None:
-    events = provider.stream(REQUEST)
+@dataclass(frozen=True)
+class Case:
+    name: str
+    provider: str  # scripted, anthropic, openai
+    paced: bool
+    tokens: int
+    rounds: int
+    modes: tuple[str, ...]
+
+
+CASES = [
+    Case("scripted-fast", "scripted", False, 2000, 7, tuple(MODES)),
+    Case("anthropic-fast", "anthropic", False, WIRE_TOKENS, 5, ("alone", "coalescing 30 ms")),
+    Case("openai-fast", "openai", False, WIRE_TOKENS, 5, ("alone", "coalescing 30 ms")),
+    Case("scripted-paced", "scripted", True, WIRE_TOKENS, 3, ("alone",)),
+    Case("anthropic-paced", "anthropic", True, WIRE_TOKENS, 3, ("alone",)),
+    Case("openai-paced", "openai", True, WIRE_TOKENS, 3, ("alone",)),
+]
+
+
+# -- the fake provider APIs (a process on core 1) ---------------------------------
+
+
+async def _wire_main(tokens: int, delay_s: float) -> None:
+    sys.path.insert(0, str(REPO))
+    from tests.fakewire.anthropic_server import TextReply, serve_anthropic
+    from tests.fakewire.openai_server import ChatReply, serve_openai
+
+    text = reply_text(tokens, CHUNK)
+    chunks = [text[i : i + CHUNK] for i in range(0, len(text), CHUNK)]
+    async with serve_anthropic() as anthropic_wire, serve_openai() as openai_wire:
+        anthropic_wire.default = TextReply(chunks, delay_s=delay_s)
+        openai_wire.default = ChatReply(chunks, delay_s=delay_s)
+        print(json.dumps({"anthropic": anthropic_wire.base_url, "openai": openai_wire.base_url}))
+        sys.stdout.flush()
+        while True:  # the recorded requests would grow without bound
+            await asyncio.sleep(1)
+            anthropic_wire.requests.clear()
+            openai_wire.requests.clear()
+
+
+def wire_command(args: argparse.Namespace) -> int:
+    import uvloop
+
+    uvloop.run(_wire_main(args.tokens, args.delay_s))
+    return 0
+
+
+# -- one measurement (a process on core 0, chathub from its PYTHONPATH) ----------
+
+
+async def _reply(provider: Any, log: Any, n: int, coalesce_s: float | None, text: str) -> None:
+    from chathub.llm.base import ChatTurn, CompletionRequest, StreamEnd, TextDelta
+    from chathub.llm.modes import get_mode, mode_policy
+    from chathub.server.reply_stream import DeltaWriter
+
+    request = CompletionRequest(turns=[ChatTurn("user", "hi")], max_tokens=len(text))
+    events = provider.stream(request)
     if coalesce_s is None:  # the provider alone
-        async for _ in events:
-            pass
+        got = []
+        async for event in events:
+            if isinstance(event, TextDelta):
+                got.append(event.text)
+        if "".join(got) != text:
+            raise AssertionError("the provider changed the text")
         return
     chat = get_mode("chat")
     assert chat is not None
@@ -68,30 +144,227 @@ async def _reply(
         if writer.take(event.text):
             await writer.write_due()
     await writer.finish()
-    if writer.text != TEXT:
+    if writer.text != text:
         raise AssertionError("the pipeline changed the text")
 
 
-async def _round(coalesce_s: float | None) -> float:
-    provider = ScriptedProvider(text=TEXT, chunk=CHUNK)
-    log = MemorySessionLog()
-    started = time.process_time()
-    await asyncio.gather(*(_reply(provider, log, n, coalesce_s) for n in range(REPLIES)))
-    return (time.process_time() - started) / (REPLIES * TOKENS) * 1e6
+async def _measure(url: str, tokens: int, coalesce_s: float | None, rounds: int) -> list[float]:
+    from chathub.llm.factory import create_provider
+    from chathub.server.session_log import MemorySessionLog
+
+    text = reply_text(tokens, CHUNK)
+    provider = create_provider(url)
+    try:
+        # untimed: connections, the SDK's lazy imports and first-use caches
+        await asyncio.gather(
+            *(_reply(provider, MemorySessionLog(), n, None, text) for n in range(4))
+        )
+        per_token = []
+        for _ in range(rounds):
+            log = MemorySessionLog()
+            started = time.process_time()
+            await asyncio.gather(
+                *(_reply(provider, log, n, coalesce_s, text) for n in range(REPLIES))
+            )
+            per_token.append((time.process_time() - started) / (REPLIES * tokens) * 1e6)
+        return per_token
+    finally:
+        close = getattr(provider, "aclose", None)
+        if close is not None:
+            await close()
 
 
-def main() -> int:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {0})
-    print(f"{REPLIES} replies x {TOKENS} tokens of {CHUNK} characters, CPU µs per token:")
-    for label, coalesce_s in (
-        ("scripted provider alone", None),
-        ("pipeline, coalescing off", 0.0),
-        ("pipeline, coalescing 30 ms", 0.03),
-    ):
-        rounds = [uvloop.run(_round(coalesce_s)) for _ in range(ROUNDS)]
-        print(f"  {label:28s} {statistics.median(rounds):5.2f}  (min {min(rounds):.2f})")
+def measure_command(args: argparse.Namespace) -> int:
+    import uvloop
+
+    os.environ.setdefault("ANTHROPIC_API_KEY", "bench")
+    os.environ.setdefault("OPENAI_API_KEY", "bench")
+    import chathub
+
+    # which chathub ran: the work tree or the baseline's export
+    print(f"chathub from {Path(chathub.__file__).parent}", file=sys.stderr)
+    print(json.dumps(uvloop.run(_measure(args.url, args.tokens, MODES[args.mode], args.rounds))))
     return 0
+
+
+# -- the whole benchmark ---------------------------------------------------------
+
+
+def _start_wire(tokens: int, delay_s: float) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    wire = subprocess.Popen(
+        ["taskset", "-c", "1", PY, __file__, "wire", "--tokens", str(tokens),
+         "--delay-s", str(delay_s)],
+        stdout=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    assert wire.stdout is not None
+    line = wire.stdout.readline()
+    if not line:
+        _kill(wire)
+        raise RuntimeError("the fake provider APIs did not start")
+    urls: dict[str, str] = json.loads(line)
+    return wire, urls
+
+
+def _url(case: Case, wires: dict[bool, dict[str, str]]) -> str:
+    if case.provider == "scripted":
+        rate = PACE if case.paced else 0
+        text = reply_text(case.tokens, CHUNK).replace(" ", "+")
+        return f"scripted://?text={text}&chunk={CHUNK}&rate={rate}"
+    base = wires[case.paced][case.provider]
+    model = "claude-bench" if case.provider == "anthropic" else "gpt-bench"
+    return f"{case.provider}://{model}?base_url={base}"
+
+
+def _run(case: Case, mode: str, url: str, src: str | None) -> list[float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATHUB_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, str(REPO), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        ["taskset", "-c", "0", PY, __file__, "measure", "--url", url, "--tokens",
+         str(case.tokens), "--mode", mode, "--rounds", str(case.rounds)],
+        env=env, capture_output=True, timeout=900, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"{case.name} {mode} failed:\n{done.stderr.decode()[-3000:]}")
+    result: list[float] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    names = ("anthropic", "openai", "httpx2", "uvloop", "orjson")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {version(name)}")
+        except Exception:
+            found.append(f"{name} not installed")
+    return ", ".join(found)
+
+
+def report(
+    results: dict[tuple[str, str, str], list[float]],
+    cases: list[Case],
+    codes: dict[str, str],
+    command: str,
+) -> str:
+    lines = [
+        "# chathub reply pipeline: CPU per token, in process",
+        "",
+        f"{REPLIES} replies at once per round; two-character tokens; the measuring "
+        "process pinned to core 0, the fake provider APIs to core 1. CPU µs per "
+        "token (user + system of the measuring process / tokens), median of the "
+        "rounds, every round in brackets.",
+        "",
+        "| case | tokens per reply | mode | " + " | ".join(codes.values()) + " |",
+        "| --- | ---: | --- | " + " | ".join("---:" for _ in codes) + " |",
+    ]
+    for case in cases:
+        for mode in case.modes:
+            cells = []
+            for code in codes:
+                rounds = results.get((case.name, mode, code))
+                if rounds is None:
+                    cells.append("")
+                    continue
+                each = " · ".join(f"{r:.1f}" for r in rounds)
+                cells.append(f"**{statistics.median(rounds):.2f}** ({each})")
+            lines.append(f"| {case.name} | {case.tokens} | {mode} | " + " | ".join(cells) + " |")
+    head = _git("rev-parse", "--short", "HEAD") or "unknown"
+    lines += [
+        "",
+        "- alone: the provider's events through the pump's loop, nothing done with them. "
+        "coalescing off / 30 ms: the whole pipeline into the session log "
+        "(guardrail, coalescer, log).",
+        f"- paced: {PACE:.0f} tokens/s per reply (the scripted provider's `rate`, the fake "
+        "APIs' pause before each event); fast: as fast as each goes.",
+        "",
+        "## Machine",
+        "",
+        f"- nproc: {os.cpu_count()} ({_cpu_model()}), {os.uname().sysname} {os.uname().release}",
+        f"- Python {sys.version.split()[0]}; {_versions()}",
+        f"- code measured: {', '.join(codes.values())} (HEAD {head})",
+        "",
+        "## Command",
+        "",
+        "```sh",
+        command,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    if len(os.sched_getaffinity(0)) < 2:
+        print("needs two cores (measuring on core 0, fake APIs on core 1)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_signal)
+    cases = [c for c in CASES if c.name in args.cases] if args.cases else CASES
+    dirty = bool(_git("status", "--porcelain", "--", "chathub"))
+    head = _git("rev-parse", "--short", "HEAD") or "unknown"
+    codes = {"work": f"work tree at {head}" + (" (uncommitted changes)" if dirty else "")}
+    sources: dict[str, str | None] = {"work": None}
+    results: dict[tuple[str, str, str], list[float]] = {}
+    wires: dict[bool, dict[str, str]] = {}
+    procs = []
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-src-") as src_dir:
+        if args.baseline:
+            rev = _git("rev-parse", "--short", args.baseline)
+            if not rev:
+                print(f"unknown revision {args.baseline!r}", file=sys.stderr)
+                return 2
+            _export(Path(src_dir), rev)
+            codes = {"baseline": f"{rev} (baseline)", **codes}
+            sources["baseline"] = src_dir
+        try:
+            for paced in sorted({c.paced for c in cases if c.provider != "scripted"}):
+                wire, wires[paced] = _start_wire(WIRE_TOKENS, 1 / PACE if paced else 0.0)
+                procs.append(wire)
+            for case in cases:
+                url = _url(case, wires)
+                for mode in case.modes:
+                    for code in codes:
+                        rounds = _run(case, mode, url, sources[code])
+                        results[(case.name, mode, code)] = rounds
+                        print(
+                            f"{case.name:16s} {mode:17s} {codes[code]}: "
+                            f"{statistics.median(rounds):7.2f} µs/token",
+                            file=sys.stderr,
+                        )
+        finally:
+            for proc in procs:
+                _kill(proc, grace=2)
+            _kill_all()
+    text = report(results, cases, codes, "python bench/pipeline_bench.py " + " ".join(sys.argv[1:]))
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES])
+    parser.add_argument("--baseline", metavar="REV", help="also measure this commit, alternating")
+    parser.add_argument(
+        "--output", default=str(HERE / "pipeline_results.md"), help="'' to not write"
+    )
+    sub = parser.add_subparsers(dest="command")
+    wire = sub.add_parser("wire", help="(internal) the fake provider APIs")
+    wire.add_argument("--tokens", type=int, required=True)
+    wire.add_argument("--delay-s", type=float, default=0.0)
+    measure = sub.add_parser("measure", help="(internal) one case in this process")
+    measure.add_argument("--url", required=True)
+    measure.add_argument("--tokens", type=int, required=True)
+    measure.add_argument("--mode", choices=list(MODES), required=True)
+    measure.add_argument("--rounds", type=int, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "wire":
+        return wire_command(args)
+    if args.command == "measure":
+        return measure_command(args)
+    return bench_command(args)
 
 
 if __name__ == "__main__":
