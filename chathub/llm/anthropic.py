@@ -109,7 +109,11 @@ class AnthropicProvider:
         self.send_temperature = send_temperature
         try:
             self._client = anthropic.AsyncAnthropic(
-                api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
+                api_key=api_key,
+                base_url=base_url,
+                timeout=timeout,
+                max_retries=0,
+                http_client=anthropic.DefaultAioHttpClient(timeout=timeout),
             )
         except anthropic.AnthropicError as exc:  # a broken credentials profile, say
             raise ConfigError(f"anthropic:// cannot load credentials: {exc}") from exc

@@ -122,7 +122,11 @@ class OpenAIProvider:
             "max_tokens" if custom_server else "max_completion_tokens"
         )
         self._client = openai.AsyncOpenAI(
-            api_key=api_key, base_url=base_url or None, timeout=timeout, max_retries=0
+            api_key=api_key,
+            base_url=base_url or None,
+            timeout=timeout,
+            max_retries=0,
+            http_client=openai.DefaultAioHttpClient(timeout=timeout),
         )
 
     @classmethod
@@ -249,6 +253,8 @@ class OpenAIProvider:
 def provider_error(exc: BaseException) -> ProviderError:
     """Our error for an ``openai`` SDK (or transport) exception."""
     if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+        if _refused(exc):
+            return ProviderConnection(f"openai: {exc}")
         return ProviderTimeout(f"openai: {exc}")
     if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
         return ProviderConnection(f"openai: {exc}")
@@ -277,6 +283,22 @@ def provider_error(exc: BaseException) -> ProviderError:
             return ProviderTimeout(message)
         return ProviderOverloaded(message)
     return ProviderRejected(f"openai: {exc}")
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a "timeout" was a failure to connect: the SDK's aiohttp
+    transport reports every aiohttp connection error, a refused connection
+    included, as ``httpx2.ConnectTimeout``. The error it wraps tells: an
+    ``OSError`` that is not a timeout (aiohttp's connector errors are
+    ``OSError`` as well)."""
+    seen = exc.__cause__ or exc.__context__
+    for _ in range(8):  # the chain is short; never loop on a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and not isinstance(seen, TimeoutError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _messages(request: CompletionRequest) -> list[ChatCompletionMessageParam]:

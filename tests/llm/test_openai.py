@@ -221,6 +221,18 @@ async def test_unreachable_server_is_a_connection_error() -> None:
         await provider.aclose()
 
 
+async def test_a_silent_server_is_a_timeout(openai_wire: OpenAIWire) -> None:
+    """A stream that stalls past the read timeout is a timeout, not a
+    connection failure (both pass through the same transport error)."""
+    provider = OpenAIProvider("gpt-test", api_key="k", base_url=openai_wire.base_url, timeout=0.3)
+    openai_wire.enqueue(ChatReply(["late"], delay_s=3.0))
+    try:
+        with pytest.raises(ProviderTimeout):
+            await collect(provider, ask())
+    finally:
+        await provider.aclose()
+
+
 PERSON = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
