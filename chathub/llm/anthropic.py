@@ -16,6 +16,12 @@ The key comes from ``ANTHROPIC_API_KEY`` (or the SDK's other credential
 sources). The SDK's own retries are off (``max_retries=0``): retries happen in
 :mod:`chathub.llm.retry`, only before the first token.
 
+Cost per streamed token: the SDK's default HTTP client and its typed event
+models each cost a token more CPU than all the rest of the reply's way to
+the socket. So the SDK sends through its aiohttp transport
+(``DefaultAioHttpClient``) and hands over each event as the JSON object the
+API sent (figures: docs/benchmarks.md).
+
 SDK errors are mapped at this boundary (:func:`provider_error`). The error
 body's ``type`` decides first, because a failure in the middle of a stream
 arrives as ``event: error`` on the 200 response and the SDK raises a plain

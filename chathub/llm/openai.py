@@ -23,6 +23,12 @@ URL (query or ``OPENAI_BASE_URL``) and no key, the placeholder ``unused`` is
 sent. The SDK's own retries are off (``max_retries=0``); see
 :mod:`chathub.llm.retry`.
 
+Cost per streamed token: the SDK's default HTTP client and its typed event
+models each cost a token more CPU than all the rest of the reply's way to
+the socket. So the SDK sends through its aiohttp transport
+(``DefaultAioHttpClient``) and hands over each event as the JSON object the
+API sent (figures: docs/benchmarks.md).
+
 SDK errors are mapped at this boundary (:func:`provider_error`):
 
     RateLimitError (429)                            -> ProviderRateLimited
