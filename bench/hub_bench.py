@@ -638,6 +638,27 @@ def _export(folder: Path, rev: str = "HEAD") -> None:
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True, timeout=60)
 
 
+def codes_to_measure(
+    baseline: str | None, src_dir: str
+) -> tuple[dict[str, str], dict[str, str | None]]:
+    """For a benchmark that compares revisions: the labels of the code to
+    measure, and where each is (``None``: the work tree). With ``baseline``,
+    that revision first, exported into ``src_dir``. Raises ValueError for a
+    revision git does not know."""
+    head = _git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = bool(_git("status", "--porcelain", "--", "chathub"))
+    codes = {"work": f"work tree at {head}" + (" (uncommitted changes)" if dirty else "")}
+    sources: dict[str, str | None] = {"work": None}
+    if baseline:
+        rev = _git("rev-parse", "--short", baseline)
+        if not rev:
+            raise ValueError(f"unknown revision {baseline!r}")
+        _export(Path(src_dir), rev)
+        codes = {"baseline": f"{rev} (baseline)", **codes}
+        sources["baseline"] = src_dir
+    return codes, sources
+
+
 @dataclass(frozen=True)
 class Config:
     name: str

@@ -53,7 +53,15 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from bare_ws_server import reply_text  # noqa: E402
-from hub_bench import PY, _cpu_model, _export, _git, _kill, _kill_all, _on_signal  # noqa: E402
+from hub_bench import (  # noqa: E402
+    PY,
+    _cpu_model,
+    _git,
+    _kill,
+    _kill_all,
+    _on_signal,
+    codes_to_measure,
+)
 
 REPLIES, CHUNK, PACE = 50, 2, 250.0
 WIRE_TOKENS = 1000  # per reply of the fake APIs
@@ -301,22 +309,15 @@ def bench_command(args: argparse.Namespace) -> int:
         return 2
     signal.signal(signal.SIGTERM, _on_signal)
     cases = [c for c in CASES if c.name in args.cases] if args.cases else CASES
-    dirty = bool(_git("status", "--porcelain", "--", "chathub"))
-    head = _git("rev-parse", "--short", "HEAD") or "unknown"
-    codes = {"work": f"work tree at {head}" + (" (uncommitted changes)" if dirty else "")}
-    sources: dict[str, str | None] = {"work": None}
     results: dict[tuple[str, str, str], list[float]] = {}
     wires: dict[bool, dict[str, str]] = {}
     procs = []
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-src-") as src_dir:
-        if args.baseline:
-            rev = _git("rev-parse", "--short", args.baseline)
-            if not rev:
-                print(f"unknown revision {args.baseline!r}", file=sys.stderr)
-                return 2
-            _export(Path(src_dir), rev)
-            codes = {"baseline": f"{rev} (baseline)", **codes}
-            sources["baseline"] = src_dir
+        try:
+            codes, sources = codes_to_measure(args.baseline, src_dir)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
         try:
             for paced in sorted({c.paced for c in cases if c.provider != "scripted"}):
                 wire, wires[paced] = _start_wire(WIRE_TOKENS, 1 / PACE if paced else 0.0)

@@ -46,15 +46,14 @@ from hub_bench import (  # noqa: E402
     PY,
     _clean_env,
     _cpu_model,
-    _export,
     _free_port,
-    _git,
     _kill,
     _kill_all,
     _on_signal,
     _proc_cpu_s,
     _spawn,
     _wait_healthy,
+    codes_to_measure,
 )
 
 WARMUP_TURNS = 20
@@ -207,19 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _on_signal)
     os.sched_setaffinity(0, {1})
-    head = _git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = bool(_git("status", "--porcelain", "--", "chathub"))
-    codes = {"work": f"work tree at {head}" + (" (uncommitted changes)" if dirty else "")}
-    sources: dict[str, str | None] = {"work": None}
     with tempfile.TemporaryDirectory(prefix="turn-bench-src-") as src_dir:
-        if args.baseline:
-            rev = _git("rev-parse", "--short", args.baseline)
-            if not rev:
-                print(f"unknown revision {args.baseline!r}", file=sys.stderr)
-                return 2
-            _export(Path(src_dir), rev)
-            codes = {"baseline": f"{rev} (baseline)", **codes}
-            sources["baseline"] = src_dir
+        try:
+            codes, sources = codes_to_measure(args.baseline, src_dir)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
         runs: list[Run] = []
         try:
             for n in range(args.runs):
