@@ -1,0 +1,145 @@
+"""Whole chat turns over a socket with the production providers: chathub
+served by uvicorn, streaming from the real Anthropic or OpenAI SDK (through
+its aiohttp transport) against the fake API of each, as a deployment does."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from tests.fakewire import anthropic_server, openai_server
+from tests.harness import RunningServer, make_team, start_server, test_settings
+from tests.wsclient import WsClient, reply_end
+
+PROVIDERS = ["anthropic", "openai"]
+
+
+@asynccontextmanager
+async def wire_of(provider: str) -> AsyncIterator[tuple[Any, str]]:
+    """The fake API and the ``CHATHUB_LLM`` URL that points at it."""
+    if provider == "anthropic":
+        async with anthropic_server.serve_anthropic() as wire:
+            yield wire, f"anthropic://claude-test?base_url={quote(wire.base_url, safe='')}"
+    else:
+        async with openai_server.serve_openai() as wire:
+            yield wire, f"openai://gpt-test?base_url={quote(wire.base_url, safe='')}"
+
+
+def text_reply(provider: str, chunks: list[str], **kwargs: Any) -> Any:
+    if provider == "anthropic":
+        return anthropic_server.TextReply(chunks, **kwargs)
+    return openai_server.ChatReply(chunks, **kwargs)
+
+
+def error_reply(provider: str, status: int) -> Any:
+    if provider == "anthropic":
+        return anthropic_server.ErrorReply(status)
+    return openai_server.ErrorReply(status)
+
+
+@pytest.fixture(params=PROVIDERS)
+async def served(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[str, RunningServer, Any]]:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    provider: str = request.param
+    async with wire_of(provider) as (wire, llm):
+        server = await start_server(
+            test_settings(
+                f"sqlite+aiosqlite:///{tmp_path / 'p.db'}",
+                tmp_path,
+                llm=llm,
+                coalesce_ms=0,
+                extraction_debounce_s=3600,
+            )
+        )
+        try:
+            yield provider, server, wire
+        finally:
+            await server.stop()
+
+
+async def turn(server: RunningServer, content: str) -> tuple[str, list[dict[str, Any]]]:
+    """One message over a socket; the reply's frames up to its end."""
+    team = await make_team(server.state)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        created = await client.post("/chat/sessions", json={}, headers=team.owner.headers)
+    assert created.status_code == 201, created.text
+    session_id = created.json()["id"]
+    ws = await WsClient.connect(server.ws_url, team.owner.api_key)
+    try:
+        await ws.request({"type": "join", "session_id": session_id})
+        sent = await ws.request(
+            {
+                "type": "message.send",
+                "session_id": session_id,
+                "client_msg_id": "m1",
+                "content": content,
+            }
+        )
+        assert sent["type"] == "ack", sent
+        frames = await ws.until(reply_end(sent["reply_id"]))
+    finally:
+        await ws.close()
+    return sent["reply_id"], [f for f in frames if f.get("reply_id") == sent["reply_id"]]
+
+
+def deltas(frames: list[dict[str, Any]]) -> str:
+    return "".join(f["text"] for f in frames if f["type"] == "reply.delta")
+
+
+async def test_a_reply_streams_and_is_stored_with_the_api_usage(
+    served: tuple[str, RunningServer, Any],
+) -> None:
+    provider, server, wire = served
+    chunks = ["The ", "answer ", "is ", "forty", "-two", "."]
+    wire.enqueue(
+        text_reply(
+            provider,
+            chunks,
+            **{"output_tokens" if provider == "anthropic" else "completion_tokens": 7},
+        )
+    )
+    _, frames = await turn(server, "What is the answer?")
+    end = frames[-1]
+    assert end["type"] == "reply.completed", end
+    assert deltas(frames) == "".join(chunks) == end["message"]["content"]
+    assert end["stop_reason"] == "end_turn"
+    assert end["usage"]["output_tokens"] == 7
+    assert end["usage"]["input_tokens"] == (11 if provider == "anthropic" else 9)
+
+
+async def test_an_overloaded_api_is_retried_before_the_first_token(
+    served: tuple[str, RunningServer, Any],
+) -> None:
+    provider, server, wire = served
+    wire.enqueue(error_reply(provider, 529 if provider == "anthropic" else 503))
+    wire.enqueue(text_reply(provider, ["Second ", "try."]))
+    _, frames = await turn(server, "Hello?")
+    assert frames[-1]["type"] == "reply.completed", frames[-1]
+    assert deltas(frames) == "Second try."
+    posts = [r for r in wire.requests if r.method == "POST" and "count_tokens" not in r.path]
+    assert len(posts) == 2
+
+
+async def test_a_failure_mid_stream_ends_the_reply_with_its_partial_text(
+    served: tuple[str, RunningServer, Any],
+) -> None:
+    provider, server, wire = served
+    error = "overloaded_error" if provider == "anthropic" else "server_error"
+    wire.enqueue(text_reply(provider, ["Half ", "an ", "answer"], error=error))
+    _, frames = await turn(server, "Tell me everything.")
+    end = frames[-1]
+    assert end["type"] == "reply.failed", end
+    assert end["code"] == "overloaded" and end["retryable"] is True
+    assert deltas(frames) == "Half an answer" == end["partial"]["content"]
+    # Not retried: the user has seen tokens of this attempt.
+    posts = [r for r in wire.requests if r.method == "POST" and "count_tokens" not in r.path]
+    assert len(posts) == 1
