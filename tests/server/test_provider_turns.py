@@ -143,3 +143,52 @@ async def test_a_failure_mid_stream_ends_the_reply_with_its_partial_text(
     # Not retried: the user has seen tokens of this attempt.
     posts = [r for r in wire.requests if r.method == "POST" and "count_tokens" not in r.path]
     assert len(posts) == 1
+
+
+async def test_a_cancelled_stream_keeps_its_text_and_the_next_turn_streams(
+    served: tuple[str, RunningServer, Any],
+) -> None:
+    """Cancelling closes the provider's response mid-body; the SDK's
+    connection pool serves the next reply as if nothing happened."""
+    provider, server, wire = served
+    wire.enqueue(text_reply(provider, [f"w{i} " for i in range(200)], delay_s=0.02))
+    wire.enqueue(text_reply(provider, ["Next ", "one."]))
+    team = await make_team(server.state)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        created = await client.post("/chat/sessions", json={}, headers=team.owner.headers)
+    session_id = created.json()["id"]
+    ws = await WsClient.connect(server.ws_url, team.owner.api_key)
+    try:
+        await ws.request({"type": "join", "session_id": session_id})
+        sent = await ws.request(
+            {
+                "type": "message.send",
+                "session_id": session_id,
+                "client_msg_id": "a",
+                "content": "Go",
+            }
+        )
+        reply_id = sent["reply_id"]
+        frames = await ws.until(lambda f: f["type"] == "reply.delta")
+        cancelled = await ws.request({"type": "reply.cancel", "reply_id": reply_id})
+        assert cancelled["type"] == "ack" and cancelled["cancelling"] is True
+        frames += await ws.until(reply_end(reply_id))
+        end = frames[-1]
+        assert end["type"] == "reply.completed" and end["stop_reason"] == "cancelled", end
+        text = deltas([f for f in frames if f.get("reply_id") == reply_id])
+        assert text == end["message"]["content"]
+        assert text.startswith("w0 ") and len(text) < len("".join(f"w{i} " for i in range(200)))
+
+        sent = await ws.request(
+            {
+                "type": "message.send",
+                "session_id": session_id,
+                "client_msg_id": "b",
+                "content": "Again",
+            }
+        )
+        frames = await ws.until(reply_end(sent["reply_id"]))
+        assert frames[-1]["type"] == "reply.completed", frames[-1]
+        assert deltas([f for f in frames if f.get("reply_id") == sent["reply_id"]]) == "Next one."
+    finally:
+        await ws.close()
