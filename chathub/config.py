@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./chathub-data")
     database_url: str | None = None
     redis_url: str | None = None
+    # Past one Redis: the session log sharded by session id over these Redis
+    # URLs (a JSON list, the same on every instance, in the same order); the
+    # bus, leases and rate limits stay on ``redis_url``.
+    redis_log_shards: list[str] = Field(default_factory=list)
     llm: str = "local://"
     # Further providers that modes may name in their ``provider`` field, as a
     # JSON object of name to URL (the operator's choice: a team picks among
@@ -80,6 +84,16 @@ class Settings(BaseSettings):
     # end releases earlier); see chathub.llm.guardrails.holdback.
     guardrail_holdback_chars: int = Field(default=128, ge=16)
     guardrail_holdback_ms: float = Field(default=250.0, gt=0)
+
+    def check_redis(self) -> None:
+        """Raise ConfigError for Redis settings that cannot run."""
+        if self.redis_log_shards and not self.redis_url:
+            raise ConfigError(
+                "CHATHUB_REDIS_LOG_SHARDS needs CHATHUB_REDIS_URL too "
+                "(the bus, the leases and the rate limits)"
+            )
+        if len(set(self.redis_log_shards)) != len(self.redis_log_shards):
+            raise ConfigError("CHATHUB_REDIS_LOG_SHARDS lists a Redis URL twice")
 
     @property
     def embedded(self) -> bool:

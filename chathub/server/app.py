@@ -89,6 +89,7 @@ def create_app(
     settings = settings or Settings()
     # Fail fast, before serving, on settings that cannot run.
     tokens = TokenCodec(settings)
+    settings.check_redis()
     run_migrations = settings.embedded if migrate is None else migrate
 
     @asynccontextmanager

@@ -15,6 +15,15 @@ time, so publish order is seq order. The frame is spliced from two byte
 strings encoded here (``{"type":…,"session_id":…,"seq":`` and ``,<data>}``)
 around the seq, which makes it byte-for-byte what :meth:`Event.build` gives.
 
+Past one Redis, :class:`ShardedSessionLog` spreads sessions over several
+(``CHATHUB_REDIS_LOG_SHARDS``): each session's keys live on the shard its id
+hashes to, each shard publishes on a channel of its own
+(``<prefix>:events:<shard>``), and every instance reads them all. A key
+``<prefix>:log-shard`` on each shard holds ``<index>/<count>`` as the first
+instance to start set it; an instance that sees the list otherwise refuses to
+start, since instances that place a session on different shards would give
+out its seqs twice.
+
 Every instance reads the channel on one connection and calls its listeners
 with each event, per session in seq order, each event once. After a pub/sub
 reconnection, and whenever an event arrives with a gap before it, the events
@@ -25,13 +34,18 @@ sessions a socket joined here), so a lost last event is recovered too.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import orjson
 
+from chathub.config import ConfigError
 from chathub.server.redis_bus import RedisSubscription, ping, redis_client, retry_once
 from chathub.server.session_log import Event, Listener
 
@@ -110,12 +124,16 @@ class RedisSessionLog:
         reconnect_max_s: float = 5.0,
         ping_interval_s: float = 10.0,
         max_tracked_sessions: int = 100_000,
+        shard: tuple[int, int] | None = None,
     ) -> None:
+        """``shard``: (index, count) when this log is one shard of a
+        :class:`ShardedSessionLog`."""
         self.max_length = max(1, max_length)
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.seq_ttl_ms = max(self.ttl_ms, int((seq_ttl_s or DEFAULT_SEQ_TTL_S) * 1000))
         self.prefix = prefix
-        self.channel = f"{prefix}:events"
+        self.shard = shard
+        self.channel = f"{prefix}:events" if shard is None else f"{prefix}:events:{shard[0]}"
         self._url = url
         self._client = redis_client(url)
         self._append = self._client.register_script(APPEND)
@@ -219,7 +237,24 @@ class RedisSessionLog:
         self._listeners.append(listener)
 
     async def start(self) -> None:
+        if self.shard is not None:
+            await self._claim_shard(*self.shard)
         await self.subscription.start()
+
+    async def _claim_shard(self, index: int, count: int) -> None:
+        """Mark this Redis as shard ``index`` of ``count``, or check that it
+        is marked so (ConfigError if not)."""
+        key, mark = f"{self.prefix}:log-shard", f"{index}/{count}"
+        await retry_once(lambda _: self._client.set(key, mark, nx=True))
+        raw = await retry_once(lambda _: self._client.get(key))
+        found = "" if raw is None else _text(raw)
+        if found != mark:
+            raise ConfigError(
+                f"the session log shard {_where(self._url)} is shard {found} to other instances, "
+                f"but {mark} here: every instance must list the same "
+                "CHATHUB_REDIS_LOG_SHARDS in the same order (to change the list, stop "
+                f"every instance and delete the key {key!r} on each shard)"
+            )
 
     async def close(self) -> None:
         await self.subscription.close()
@@ -278,6 +313,65 @@ class RedisSessionLog:
                 listener(event)
             except Exception:
                 log.exception("session log listener failed")
+
+
+class ShardedSessionLog:
+    """:class:`~chathub.server.session_log.SessionLog` over several Redis
+    servers: one :class:`RedisSessionLog` per shard, each session on the
+    shard its id hashes to (CRC-32, so every process agrees). A session's
+    events all come from its shard, so they reach the listeners in seq order
+    as with one Redis."""
+
+    def __init__(self, urls: Sequence[str], **options: Any) -> None:
+        if not urls:
+            raise ValueError("a sharded log needs at least one Redis URL")
+        count = len(urls)
+        self.shards = [
+            RedisSessionLog(url, shard=(index, count), **options) for index, url in enumerate(urls)
+        ]
+
+    def shard_of(self, session_id: str) -> RedisSessionLog:
+        return self.shards[zlib.crc32(session_id.encode()) % len(self.shards)]
+
+    async def append(self, session_id: str, type: str, data: dict[str, Any]) -> Event:
+        return await self.shard_of(session_id).append(session_id, type, data)
+
+    async def read_after(self, session_id: str, after_seq: int) -> list[Event] | None:
+        return await self.shard_of(session_id).read_after(session_id, after_seq)
+
+    async def held(self, session_id: str) -> list[Event]:
+        return await self.shard_of(session_id).held(session_id)
+
+    async def last_seq(self, session_id: str) -> int:
+        return await self.shard_of(session_id).last_seq(session_id)
+
+    async def ensure_floor(self, session_id: str, seq: int) -> None:
+        await self.shard_of(session_id).ensure_floor(session_id, seq)
+
+    def add_listener(self, listener: Listener) -> None:
+        for shard in self.shards:
+            shard.add_listener(listener)
+
+    async def start(self) -> None:
+        try:
+            for shard in self.shards:
+                await shard.start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        await asyncio.gather(*(shard.close() for shard in self.shards), return_exceptions=True)
+
+    async def ready(self) -> bool:
+        return all(await asyncio.gather(*(shard.ready() for shard in self.shards)))
+
+
+def _where(url: str) -> str:
+    """A Redis URL without its credentials, for messages."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
 def _events(session_id: str, entries: Any) -> list[Event]:

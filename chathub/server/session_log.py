@@ -204,7 +204,16 @@ async def append_surely(
 
 
 def create_session_log(settings: Settings) -> SessionLog:
-    """``CHATHUB_REDIS_URL`` set: Redis Streams; otherwise in-process."""
+    """``CHATHUB_REDIS_LOG_SHARDS`` set: Redis Streams sharded over those;
+    else ``CHATHUB_REDIS_URL`` set: Redis Streams there; else in-process."""
+    if settings.redis_log_shards:
+        from chathub.server.redis_log import ShardedSessionLog
+
+        return ShardedSessionLog(
+            settings.redis_log_shards,
+            max_length=settings.session_log_length,
+            ttl_s=settings.session_log_ttl_s,
+        )
     if settings.redis_url:
         from chathub.server.redis_log import RedisSessionLog
 

@@ -7,9 +7,12 @@ sees it only through Redis (the session log's pub/sub and streams).
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
+import redis.asyncio as aioredis
 
+from chathub.server.redis_log import ShardedSessionLog
 from tests.scaleout.conftest import (
     FULL_TEXT,
     Cluster,
@@ -24,6 +27,7 @@ from tests.scaleout.conftest import (
     send,
     stored_reply,
 )
+from tests.server.test_session_log_contract import SHARD_URLS
 from tests.wsclient import reply_end
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.timeout(90)]
@@ -65,3 +69,56 @@ async def test_sockets_on_two_instances_see_the_same_reply(
     stored = await stored_reply(a, deployment, session_id, reply_id)
     assert stored["status"] == "complete"
     assert stored["content"] == streamed
+
+
+async def test_a_sharded_session_log_carries_sessions_on_every_shard(
+    cluster: Cluster, deployment: Deployment
+) -> None:
+    """Two instances with the session log sharded over two Redis databases:
+    replies generated on B, for sessions on both shards, reach a socket on A
+    whole and in order, and a socket joining late on A resumes from either."""
+    shards = ShardedSessionLog(SHARD_URLS, prefix="chathub")  # for shard_of only
+    a, b = await cluster.start(2, redis_log_shards=json.dumps(SHARD_URLS))
+    sessions: list[str] = []
+    homes: set[int] = set()
+    while len(homes) < 2 or len(sessions) < 4:
+        sid = await new_session(a, deployment)
+        sessions.append(sid)
+        homes.add(shards.shards.index(shards.shard_of(sid)))
+    on_a = await connect(a, deployment)
+    on_b = await connect(b, deployment)
+    try:
+        for sid in sessions:
+            await join(on_a, sid)
+        replies = [await send(on_b, sid, f"m-{n}") for n, sid in enumerate(sessions)]
+        for reply_id in replies:
+            await on_a.until(reply_end(reply_id), timeout=15)
+    finally:
+        await on_a.close()
+        await on_b.close()
+    for sid, reply_id in zip(sessions, replies, strict=True):
+        seen = events(on_a.seen, sid)
+        assert_contiguous(seen)
+        assert deltas(seen, reply_id) == FULL_TEXT
+        stored = await stored_reply(a, deployment, sid, reply_id)
+        assert stored["content"] == FULL_TEXT
+
+    late = await connect(a, deployment)
+    try:
+        for sid in sessions:
+            ack = await late.request({"type": "join", "session_id": sid, "after_seq": 0})
+            assert ack["type"] == "ack" and ack["recovered"] is True, ack
+
+        def ended() -> set[str]:
+            return {f["reply_id"] for f in late.seen if f["type"] == "reply.completed"}
+
+        while not ended() >= set(replies):  # every session caught up, to its end
+            await late.recv(15)
+        for sid in sessions:
+            assert_contiguous(events(late.seen, sid))
+    finally:
+        await late.close()
+        for url in SHARD_URLS:
+            client = aioredis.Redis.from_url(url)
+            await client.delete("chathub:log-shard")
+            await client.aclose()

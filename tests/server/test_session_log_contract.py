@@ -21,17 +21,31 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from chathub.server.redis_log import RedisSessionLog
+from chathub.server.redis_log import RedisSessionLog, ShardedSessionLog
 from chathub.server.session_log import Event, MemorySessionLog, SessionLog
 from tests.harness import REDIS_URL, eventually
 
 pytestmark = pytest.mark.timeout(60)
 
-BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+BACKENDS = [
+    "memory",
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("sharded", marks=pytest.mark.redis),
+]
 
 
-async def drop_keys(prefix: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
+def redis_db(url: str, db: int) -> str:
+    """``url`` with another database number: a shard of its own (keys apart,
+    and, as each shard publishes on a channel of its own, messages apart)."""
+    parts = urlsplit(url)
+    return parts._replace(path=f"/{db}").geturl()
+
+
+SHARD_URLS = [REDIS_URL, redis_db(REDIS_URL, 1)]
+
+
+async def drop_keys(prefix: str, url: str = REDIS_URL) -> None:
+    client = aioredis.Redis.from_url(url)
     try:
         keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
         if keys:
@@ -63,6 +77,19 @@ class Logs:
             return [shared] * count
         logs: list[SessionLog] = []
         for _ in range(count):
+            if self.backend == "sharded":
+                sharded = ShardedSessionLog(
+                    SHARD_URLS,
+                    max_length=max_length,
+                    ttl_s=ttl_s,
+                    prefix=self.prefix,
+                    reconnect_max_s=0.2,
+                    ping_interval_s=ping_interval_s,
+                )
+                await sharded.start()
+                self.made.append(sharded)
+                logs.append(sharded)
+                continue
             log = RedisSessionLog(
                 url,
                 max_length=max_length,
@@ -90,6 +117,9 @@ async def logs(request: pytest.FixtureRequest) -> AsyncIterator[Logs]:
             await log.close()
         if made.backend == "redis":
             await drop_keys(made.prefix)
+        if made.backend == "sharded":
+            for url in SHARD_URLS:
+                await drop_keys(made.prefix, url)
 
 
 def new_session() -> str:
