@@ -66,29 +66,42 @@ async def served(
             await server.stop()
 
 
-async def turn(server: RunningServer, content: str) -> tuple[str, list[dict[str, Any]]]:
-    """One message over a socket; the reply's frames up to its end."""
+async def joined(server: RunningServer) -> tuple[str, WsClient]:
+    """A new team's new session, and a socket of its owner joined to it."""
     team = await make_team(server.state)
     async with httpx.AsyncClient(base_url=server.url) as client:
         created = await client.post("/chat/sessions", json={}, headers=team.owner.headers)
     assert created.status_code == 201, created.text
-    session_id = created.json()["id"]
+    session_id: str = created.json()["id"]
     ws = await WsClient.connect(server.ws_url, team.owner.api_key)
+    await ws.request({"type": "join", "session_id": session_id})
+    return session_id, ws
+
+
+async def send(ws: WsClient, session_id: str, client_msg_id: str, content: str) -> str:
+    """``message.send``; the reply's id."""
+    sent = await ws.request(
+        {
+            "type": "message.send",
+            "session_id": session_id,
+            "client_msg_id": client_msg_id,
+            "content": content,
+        }
+    )
+    assert sent["type"] == "ack", sent
+    return str(sent["reply_id"])
+
+
+async def turn(server: RunningServer, content: str) -> tuple[str, list[dict[str, Any]]]:
+    """One message over a socket; the reply's frames up to its end."""
+    session_id, ws = await joined(server)
     try:
-        await ws.request({"type": "join", "session_id": session_id})
-        sent = await ws.request(
-            {
-                "type": "message.send",
-                "session_id": session_id,
-                "client_msg_id": "m1",
-                "content": content,
-            }
-        )
-        assert sent["type"] == "ack", sent
-        frames = await ws.until(reply_end(sent["reply_id"]))
+        reply_id = await send(ws, session_id, "m1", content)
+        await ws.until(reply_end(reply_id))
     finally:
         await ws.close()
-    return sent["reply_id"], [f for f in frames if f.get("reply_id") == sent["reply_id"]]
+    # every frame read, those read while waiting for the ack too
+    return reply_id, [f for f in ws.seen if f.get("reply_id") == reply_id]
 
 
 def deltas(frames: list[dict[str, Any]]) -> str:
@@ -153,42 +166,21 @@ async def test_a_cancelled_stream_keeps_its_text_and_the_next_turn_streams(
     provider, server, wire = served
     wire.enqueue(text_reply(provider, [f"w{i} " for i in range(200)], delay_s=0.02))
     wire.enqueue(text_reply(provider, ["Next ", "one."]))
-    team = await make_team(server.state)
-    async with httpx.AsyncClient(base_url=server.url) as client:
-        created = await client.post("/chat/sessions", json={}, headers=team.owner.headers)
-    session_id = created.json()["id"]
-    ws = await WsClient.connect(server.ws_url, team.owner.api_key)
+    session_id, ws = await joined(server)
     try:
-        await ws.request({"type": "join", "session_id": session_id})
-        sent = await ws.request(
-            {
-                "type": "message.send",
-                "session_id": session_id,
-                "client_msg_id": "a",
-                "content": "Go",
-            }
-        )
-        reply_id = sent["reply_id"]
-        frames = await ws.until(lambda f: f["type"] == "reply.delta")
+        reply_id = await send(ws, session_id, "a", "Go")
+        await ws.until(lambda f: f["type"] == "reply.delta")
         cancelled = await ws.request({"type": "reply.cancel", "reply_id": reply_id})
         assert cancelled["type"] == "ack" and cancelled["cancelling"] is True
-        frames += await ws.until(reply_end(reply_id))
-        end = frames[-1]
+        end = (await ws.until(reply_end(reply_id)))[-1]
         assert end["type"] == "reply.completed" and end["stop_reason"] == "cancelled", end
-        text = deltas([f for f in frames if f.get("reply_id") == reply_id])
+        # every frame read so far, those read while waiting for the ack too
+        text = deltas([f for f in ws.seen if f.get("reply_id") == reply_id])
         assert text == end["message"]["content"]
         assert text.startswith("w0 ") and len(text) < len("".join(f"w{i} " for i in range(200)))
 
-        sent = await ws.request(
-            {
-                "type": "message.send",
-                "session_id": session_id,
-                "client_msg_id": "b",
-                "content": "Again",
-            }
-        )
-        frames = await ws.until(reply_end(sent["reply_id"]))
-        assert frames[-1]["type"] == "reply.completed", frames[-1]
-        assert deltas([f for f in frames if f.get("reply_id") == sent["reply_id"]]) == "Next one."
+        next_id = await send(ws, session_id, "b", "Again")
+        assert (await ws.until(reply_end(next_id)))[-1]["type"] == "reply.completed"
+        assert deltas([f for f in ws.seen if f.get("reply_id") == next_id]) == "Next one."
     finally:
         await ws.close()

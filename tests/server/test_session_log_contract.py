@@ -75,28 +75,19 @@ class Logs:
             shared = MemorySessionLog(max_length=max_length, ttl_s=ttl_s)
             self.made.append(shared)
             return [shared] * count
+        options: dict[str, Any] = {
+            "max_length": max_length,
+            "ttl_s": ttl_s,
+            "prefix": self.prefix,
+            "reconnect_max_s": 0.2,
+            "ping_interval_s": ping_interval_s,
+        }
         logs: list[SessionLog] = []
         for _ in range(count):
-            if self.backend == "sharded":
-                sharded = ShardedSessionLog(
-                    SHARD_URLS,
-                    max_length=max_length,
-                    ttl_s=ttl_s,
-                    prefix=self.prefix,
-                    reconnect_max_s=0.2,
-                    ping_interval_s=ping_interval_s,
-                )
-                await sharded.start()
-                self.made.append(sharded)
-                logs.append(sharded)
-                continue
-            log = RedisSessionLog(
-                url,
-                max_length=max_length,
-                ttl_s=ttl_s,
-                prefix=self.prefix,
-                reconnect_max_s=0.2,
-                ping_interval_s=ping_interval_s,
+            log: RedisSessionLog | ShardedSessionLog = (
+                ShardedSessionLog(SHARD_URLS, **options)
+                if self.backend == "sharded"
+                else RedisSessionLog(url, **options)
             )
             await log.start()
             self.made.append(log)
