@@ -72,6 +72,21 @@ class WsClient:
             if pred(frame):
                 return out
 
+    async def first(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20
+    ) -> dict[str, Any]:
+        """The first frame, among those already seen and then those still to
+        come, for which ``pred`` holds (unlike :meth:`until`, which looks at
+        new frames only, this finds a frame read meanwhile, say while
+        :meth:`request` waited for an ack)."""
+        checked = 0
+        while True:
+            for frame in self.seen[checked:]:
+                if pred(frame):
+                    return frame
+            checked = len(self.seen)
+            await self.recv(timeout)
+
     async def close(self) -> None:
         await self.conn.close()
 

@@ -97,7 +97,7 @@ async def turn(server: RunningServer, content: str) -> tuple[str, list[dict[str,
     session_id, ws = await joined(server)
     try:
         reply_id = await send(ws, session_id, "m1", content)
-        await ws.until(reply_end(reply_id))
+        await ws.first(reply_end(reply_id))
     finally:
         await ws.close()
     # every frame read, those read while waiting for the ack too
@@ -169,10 +169,10 @@ async def test_a_cancelled_stream_keeps_its_text_and_the_next_turn_streams(
     session_id, ws = await joined(server)
     try:
         reply_id = await send(ws, session_id, "a", "Go")
-        await ws.until(lambda f: f["type"] == "reply.delta")
+        await ws.first(lambda f: f["type"] == "reply.delta")
         cancelled = await ws.request({"type": "reply.cancel", "reply_id": reply_id})
         assert cancelled["type"] == "ack" and cancelled["cancelling"] is True
-        end = (await ws.until(reply_end(reply_id)))[-1]
+        end = await ws.first(reply_end(reply_id))
         assert end["type"] == "reply.completed" and end["stop_reason"] == "cancelled", end
         # every frame read so far, those read while waiting for the ack too
         text = deltas([f for f in ws.seen if f.get("reply_id") == reply_id])
@@ -180,7 +180,7 @@ async def test_a_cancelled_stream_keeps_its_text_and_the_next_turn_streams(
         assert text.startswith("w0 ") and len(text) < len("".join(f"w{i} " for i in range(200)))
 
         next_id = await send(ws, session_id, "b", "Again")
-        assert (await ws.until(reply_end(next_id)))[-1]["type"] == "reply.completed"
+        assert (await ws.first(reply_end(next_id)))["type"] == "reply.completed"
         assert deltas([f for f in ws.seen if f.get("reply_id") == next_id]) == "Next one."
     finally:
         await ws.close()
