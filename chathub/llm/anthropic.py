@@ -119,7 +119,7 @@ class AnthropicProvider:
                 base_url=base_url,
                 timeout=timeout,
                 max_retries=0,
-                http_client=anthropic.DefaultAioHttpClient(timeout=timeout),
+                http_client=anthropic.DefaultAioHttpClient(),
             )
         except anthropic.AnthropicError as exc:  # a broken credentials profile, say
             raise ConfigError(f"anthropic:// cannot load credentials: {exc}") from exc

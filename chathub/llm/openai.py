@@ -132,7 +132,7 @@ class OpenAIProvider:
             base_url=base_url or None,
             timeout=timeout,
             max_retries=0,
-            http_client=openai.DefaultAioHttpClient(timeout=timeout),
+            http_client=openai.DefaultAioHttpClient(),
         )
 
     @classmethod

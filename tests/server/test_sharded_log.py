@@ -71,6 +71,17 @@ async def test_each_session_lives_on_one_shard_and_every_instance_hears_all(pref
         await reader.close()
 
 
+async def test_the_log_is_ready_only_while_every_shard_is(prefix: str) -> None:
+    log = sharded(prefix)
+    await log.start()
+    try:
+        assert await log.ready()
+        await log.shards[1].close()
+        assert not await log.ready()
+    finally:
+        await log.close()
+
+
 async def test_an_instance_with_the_shards_in_another_order_does_not_start(prefix: str) -> None:
     first = sharded(prefix)
     await first.start()
