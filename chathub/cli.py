@@ -31,7 +31,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers go through chathub.logs' handler
         **uvicorn_settings(settings),
-        proxy_headers=True,
         timeout_graceful_shutdown=10,
     )
     return 0

@@ -2,8 +2,8 @@
 
 The embedded default needs no configuration at all: a SQLite file and a JWT
 secret under ``data_dir``, an in-process bus and the local model. Setting
-``CHATHUB_DATABASE_URL`` to PostgreSQL (or ``CHATHUB_REDIS_URL``) leaves the
-embedded default, and then a real JWT secret is required.
+``CHATHUB_DATABASE_URL`` to PostgreSQL leaves the embedded default, and then a
+real JWT secret is required (every replica must sign with the same one).
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     ws_send_queue: int = 1024
     # permessage-deflate costs more CPU than it saves on small token frames.
     ws_compression: bool = False
+    # The proxies whose X-Forwarded-For/-Proto headers are believed (client
+    # address, scheme): comma-separated addresses or networks, or "*".
+    forwarded_allow_ips: str = "127.0.0.1"
 
     # Replies
     coalesce_ms: float = 30.0

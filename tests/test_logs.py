@@ -140,6 +140,8 @@ async def test_serve_writes_json_lines_with_the_ids_of_each_request(tmp_path: Pa
         "CHATHUB_LOG_FORMAT": "json",
         # One retry before the first token: a warning logged by the reply task.
         "CHATHUB_LLM": "scripted://?text=fine&fail_before=overloaded&fail_times=1",
+        # Forwarded headers believed only from this proxy (not this client).
+        "CHATHUB_FORWARDED_ALLOW_IPS": "192.0.2.1",
     }
     code, out, err = await run(
         str(CHATHUB), "admin", "bootstrap", "--team", "Logs", "--email", "o@logs.example", env=env
@@ -167,6 +169,8 @@ async def test_serve_writes_json_lines_with_the_ids_of_each_request(tmp_path: Pa
             assert sent.status_code == 201, sent.text
             assert sent.headers["x-request-id"] == "turn-42"
             reply_id = sent.json()["reply"]["id"]
+            forwarded = await http.get("/chat/sessions", headers={"X-Forwarded-For": "203.0.113.7"})
+            assert forwarded.status_code == 200
             refused = await http.get("/chat/sessions", headers={"Authorization": "Bearer nope"})
             assert refused.status_code == 401 and refused.headers["x-request-id"]
     finally:
@@ -189,6 +193,8 @@ async def test_serve_writes_json_lines_with_the_ids_of_each_request(tmp_path: Pa
         "session_id": session_id,
         "reply_id": reply_id,
     }
+    (listed,) = [r for r in access if '"GET /chat/sessions HTTP/1.1" 200' in r["message"]]
+    assert listed["message"].startswith("127.0.0.1:"), listed  # not the forwarded address
     (refused_line,) = [r for r in access if '" 401' in r["message"]]
     assert "team_id" not in refused_line
 

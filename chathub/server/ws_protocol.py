@@ -259,9 +259,12 @@ def ws_protocol_class() -> type[asyncio.Protocol] | str:
 
 def uvicorn_settings(settings: Settings) -> dict[str, Any]:
     """The ``uvicorn.Config`` arguments ``chathub serve`` and the test
-    servers share: WebSocket protocol, frame size limit, compression."""
+    servers share: WebSocket protocol, frame size limit, compression, the
+    proxies whose forwarded headers count."""
     return {
         "ws": ws_protocol_class(),
         "ws_max_size": settings.ws_max_frame_bytes,
         "ws_per_message_deflate": settings.ws_compression,
+        "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
     }
