@@ -61,7 +61,12 @@ StreamEvent = TextDelta | StreamEnd
 def estimate_tokens(text: str) -> int:
     """The rough rule used where no tokenizer is at hand: one token per started
     four characters (``ceil(len(text) / 4)``); 0 for the empty string."""
-    return -(-len(text) // 4)
+    return estimate_tokens_of(len(text))
+
+
+def estimate_tokens_of(chars: int) -> int:
+    """:func:`estimate_tokens` of a text of ``chars`` characters."""
+    return -(-chars // 4)
 
 
 def estimate_request_tokens(request: CompletionRequest) -> int:

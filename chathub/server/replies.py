@@ -46,6 +46,7 @@ from chathub.llm.base import (
     TextDelta,
     Usage,
     estimate_tokens,
+    estimate_tokens_of,
 )
 from chathub.llm.context import (
     FILE_EXCERPT_CHARS,
@@ -105,6 +106,11 @@ class ReplyRun:
     """Attached text files: (name, sha256), newest first."""
     writer: DeltaWriter | None = None
     end: StreamEnd | None = None
+    """The provider's end of stream, with its usage (None: it never came)."""
+    input_tokens: int = 0
+    """The prompt's size as counted when it was built."""
+    streamed_chars: int = 0
+    """Characters the provider streamed (before the guardrail)."""
     cancelled: bool = False
     stream_task: asyncio.Task[None] | None = None
     task: asyncio.Task[None] | None = None
@@ -528,8 +534,8 @@ class Replies:
             if run.writer is not None:
                 await run.writer.finish()
                 text = run.writer.text
-            usage = run.end.usage if run.end else Usage(output_tokens=0)
-            usage_view = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+            usage_view = _usage_view(run)
+            usage = Usage(usage_view["input_tokens"], usage_view["output_tokens"])
             if failure is None:
                 stop_reason: str
                 if run.writer is not None and run.writer.blocked:
@@ -648,6 +654,7 @@ class Replies:
             count=provider_counter(run.provider),
         )
         run.dropped = built.dropped
+        run.input_tokens = built.input_tokens
         request = built.request
         if len(run.mode.flow) > 1:
             provider = run.provider
@@ -686,6 +693,7 @@ class Replies:
                     continue
                 if not isinstance(event, TextDelta) or not event.text:
                     continue
+                run.streamed_chars += len(event.text)
                 if run.first_token_at is None:
                     run.first_token_at = time.monotonic()
                     metrics.TIME_TO_FIRST_TOKEN.observe(run.first_token_at - run.started_at)
@@ -724,6 +732,21 @@ class Replies:
             failure = ProviderError("the server stopped while replying", retryable=True)
             failure.code = "interrupted"
             await self._finish(run, failure)
+
+
+def _usage_view(run: ReplyRun) -> dict[str, Any]:
+    """The reply's usage as stored and sent: the provider's, from the end of
+    its stream; else (cancelled, blocked, failed or interrupted before that
+    end) an estimate from the prompt's count and the characters streamed,
+    marked ``estimated``."""
+    if run.end is not None:
+        usage = run.end.usage
+        return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+    return {
+        "input_tokens": run.input_tokens,
+        "output_tokens": estimate_tokens_of(run.streamed_chars),
+        "estimated": True,
+    }
 
 
 def _step_system(run: ReplyRun, step_prompt: str) -> str:

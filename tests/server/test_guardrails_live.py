@@ -113,6 +113,11 @@ async def test_blocklisted_phrase_stops_the_reply_with_the_safe_message(
         ]
         done = frames[-1]
         assert done["stop_reason"] == "blocked" and done["message"]["content"] == streamed
+        # The provider's usage, or where generation stopped before it came,
+        # an estimate: either counts what the model streamed, not what was sent
+        usage = done["usage"]
+        assert usage["input_tokens"] > 0
+        assert usage["output_tokens"] * 4 >= len(streamed) - len("I can't help with that.")
         session = (await client.get(f"/chat/sessions/{sid}", headers=h)).json()
         assert session["last_seq"] == done["seq"]
 

@@ -93,6 +93,7 @@ async def test_full_turn(
     assert done["message"]["content"] == text and done["message"]["status"] == "complete"
     assert done["usage"]["output_tokens"] == 6  # ceil(21 / 4)
     assert done["usage"]["input_tokens"] > 0
+    assert "estimated" not in done["usage"]  # the provider's own count
 
     # REST shows the same objects the socket did
     stored = await stored_messages(client, team.owner, sid)
@@ -232,6 +233,10 @@ async def test_cancel_mid_stream_keeps_the_partial_text(tmp_path: Path) -> None:
         stored = await stored_message(s.client, owner, sid, reply_id)
         assert stored["content"] == text and stored["status"] == "complete"
         assert stored["stop_reason"] == "cancelled"
+        # The provider never sent its usage: an estimate of what was spent
+        assert done["usage"] == stored["usage"]
+        assert done["usage"]["estimated"] is True and done["usage"]["input_tokens"] > 0
+        assert done["usage"]["output_tokens"] == -(-len(text) // 4)
         assert_contiguous(events_of(ws.seen), first=1)
 
 
