@@ -174,7 +174,7 @@ async def post_message(
     the stored turn as JSON."""
     async with state.sessionmaker() as db:
         chat = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
-    await state.session_log.ensure_floor(chat.id, chat.last_seq)
+    await state.replies.floor_from_store(chat.id, chat.last_seq)
     sink = Connection(None, new_id(), principal, max_queue=1_000_000)
     await state.hub.join(sink, session_id, None)
     try:

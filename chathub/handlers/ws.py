@@ -221,7 +221,7 @@ async def _handle(state: AppState, conn: Connection, frame: Any) -> list[dict[st
             chat = await sessions_repo.get_session(
                 db, team_id=p.team_id, session_id=frame.session_id
             )
-        await state.session_log.ensure_floor(chat.id, chat.last_seq)
+        await state.replies.floor_from_store(chat.id, chat.last_seq)
         ack = await state.hub.join(conn, chat.id, frame.after_seq)
         return [{"type": "ack", **ack}]
     if isinstance(frame, LeaveFrame):

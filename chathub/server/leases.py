@@ -63,6 +63,10 @@ class ReplyLeases(Protocol):
         before finishing: False means it did (or may)."""
         ...
 
+    async def held(self, session_id: str) -> bool:
+        """Whether some reply holds the session's lease now."""
+        ...
+
     async def expired(self, now: float | None = None) -> list[ExpiredReply]:
         """Up to 100 registered replies whose lease lapsed at or before
         ``now`` (epoch seconds; default: the store's clock), oldest first."""
@@ -115,6 +119,9 @@ class MemoryReplyLeases:
         lease = self._by_session.get(session_id)
         if lease is not None and lease.reply_id == reply_id:
             del self._by_session[session_id]
+
+    async def held(self, session_id: str) -> bool:
+        return self._live(session_id) is not None
 
     async def expired(self, now: float | None = None) -> list[ExpiredReply]:
         return []
@@ -229,6 +236,10 @@ class RedisReplyLeases:
     async def release(self, session_id: str, reply_id: str) -> None:
         keys = [self.lease_key(session_id), self.registry_key, self.info_key]
         await retry_once(lambda _: self._release(keys=keys, args=[reply_id]))
+
+    async def held(self, session_id: str) -> bool:
+        key = self.lease_key(session_id)
+        return bool(await retry_once(lambda _: self._client.exists(key)))
 
     async def expired(self, now: float | None = None) -> list[ExpiredReply]:
         client = self._client

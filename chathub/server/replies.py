@@ -165,6 +165,21 @@ class Replies:
 
     # -- sending -----------------------------------------------------------
 
+    async def floor_from_store(self, session_id: str, stored_last_seq: int) -> None:
+        """Before a socket or a request follows the session: make its log go
+        on above ``stored_last_seq`` (the session's last seq in the database)
+        where the log lost its count (a restart, a Redis that lost its data),
+        so that no seq is handed out twice and a resume from before the loss
+        gets ``recovered: false``.
+
+        A reply that is ending stores the seq of its ending event a moment
+        before it appends it: while a reply holds the session, the database
+        may be one ahead of a log that lost nothing, and the log is left
+        alone (that reply's turn floored it when it began). Once the lease
+        is free, every seq the database holds was appended."""
+        if not await self.leases.held(session_id):
+            await self.log.ensure_floor(session_id, stored_last_seq)
+
     async def send(
         self,
         principal: Principal,

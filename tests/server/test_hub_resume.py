@@ -3,6 +3,7 @@ that reconnects with ``after_seq`` misses nothing and sees nothing twice."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +174,49 @@ async def test_join_after_seq_older_than_the_log_is_not_recovered(tmp_path: Path
             assert_contiguous(more, first=last + 1)
         finally:
             await late.close()
+
+
+async def test_a_join_while_a_reply_is_being_ended_leaves_no_gap(tmp_path: Path) -> None:
+    """A reply stores the seq of its ending event with its text, then appends
+    the event. A socket that joins in between reads that seq from the
+    database before the log has handed it out; that must not move the log
+    past it (the ending would come one seq later, after a gap, and the
+    window would be dropped)."""
+    async with custom_server(tmp_path, llm=scripted(text="a b c d ", chunk=2)) as s:
+        owner = s.team.owner
+        sid = await new_session(s.client, owner)
+        session_log = s.server.state.session_log
+        append = session_log.append
+        ending_stored, go_on = asyncio.Event(), asyncio.Event()
+
+        async def append_the_ending_later(session_id: str, type_: str, data: Any) -> Any:
+            if type_ == "reply.completed":
+                ending_stored.set()
+                await go_on.wait()
+            return await append(session_id, type_, data)
+
+        session_log.append = append_the_ending_later  # type: ignore[method-assign]
+        a = await WsClient.connect(s.server.ws_url, owner.api_key)
+        b = await WsClient.connect(s.server.ws_url, owner.api_key)
+        c = await WsClient.connect(s.server.ws_url, owner.api_key)
+        try:
+            await a.request({"type": "join", "session_id": sid})
+            ack = await send_message(a, sid, "c1")
+            await asyncio.wait_for(ending_stored.wait(), 10)
+            stored = (await s.client.get(f"/chat/sessions/{sid}", headers=owner.headers)).json()
+            joined = await b.request({"type": "join", "session_id": sid})
+            resumed = await c.request({"type": "join", "session_id": sid, "after_seq": 0})
+            go_on.set()
+            done = await reply_finished(a, ack["reply_id"], timeout=5)
+            assert (await reply_finished(b, ack["reply_id"], timeout=5)) == done
+            assert (await reply_finished(c, ack["reply_id"], timeout=5)) == done
+        finally:
+            for ws in (a, b, c):
+                await ws.close()
+        assert done["seq"] == stored["last_seq"]  # the seq stored before it was sent
+        assert joined["last_seq"] == done["seq"] - 1, joined
+        assert resumed["recovered"] is True, resumed
+        assert_contiguous(events_of(a.seen, sid), first=1)
+        assert_contiguous(events_of(c.seen, sid), first=1)
+        assert [e["seq"] for e in events_of(b.seen, sid)] == [done["seq"]]
+        assert not [f for ws in (a, b, c) for f in ws.seen if f["type"] == "resync"]

@@ -98,7 +98,9 @@ async def test_one_winner_among_concurrent_acquires(leases: Leases) -> None:
 async def test_renew_and_release_only_by_the_holder(leases: Leases) -> None:
     a, b = leases.make(2)
     sid, reply = ids()
+    assert not await b.held(sid)
     assert await a.acquire(sid, reply, "owner-a", 10)
+    assert await b.held(sid)  # seen from every instance
 
     assert await a.renew(sid, reply, 10)
     assert not await b.renew(sid, "r-other", 10)
@@ -108,6 +110,7 @@ async def test_renew_and_release_only_by_the_holder(leases: Leases) -> None:
 
     await a.release(sid, reply)
     await a.release(sid, reply)  # idempotent
+    assert not await b.held(sid)
     assert not await a.renew(sid, reply, 10)
     assert await b.acquire(sid, "r-next", "owner-b", 10)
 
@@ -128,6 +131,7 @@ async def test_a_lapsed_lease_cannot_be_renewed_and_frees_the_session(leases: Le
     assert await a.acquire(sid, reply, "owner-a", 0.2)
     await asyncio.sleep(0.35)
 
+    assert not await a.held(sid)
     assert not await a.renew(sid, reply, 10)
     assert await b.acquire(sid, "r-next", "owner-b", 10)
 
