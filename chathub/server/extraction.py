@@ -3,8 +3,9 @@
 After a reply completes, extraction for its session is scheduled, debounced:
 a burst of replies gives one run. A run extracts from the messages since the
 last run, writes what is new or changed as new versions (author ``model`` or
-``extractor``), and publishes ``dashboard.updated``. When enough has changed,
-the model writes a new dashboard summary (versioned) and that is published too.
+``extractor``), and publishes ``dashboard.updated``. After a run that changed
+something, the model rewrites the team's dashboard summary (versioned), which
+is published too; debounced per team as well, so a burst of runs gives one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import asdict
 from typing import Any
 
@@ -38,9 +40,52 @@ log = logging.getLogger("chathub.extraction")
 
 WINDOW = 12
 """Messages read per run at most (the newest since the last run)."""
-SUMMARY_AFTER = 3
-"""Changes since the last dashboard summary that make the model write a new one."""
 KNOWN_LIMIT = 100
+
+
+class Debounced:
+    """``run(key)`` ``delay_s`` after the last ``schedule(key)``, one run per
+    key at a time: a key scheduled while it runs runs again after."""
+
+    def __init__(self, delay_s: float, run: Callable[[Any], Coroutine[Any, Any, object]]) -> None:
+        self.delay_s = delay_s
+        self._run = run
+        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._running: dict[Hashable, asyncio.Task[object]] = {}
+        self._closed = False
+
+    def schedule(self, key: Hashable) -> None:
+        if self._closed:
+            return
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timers[key] = loop.call_later(self.delay_s, self._start, key)
+
+    def _start(self, key: Hashable) -> None:
+        self._timers.pop(key, None)
+        if key in self._running:  # catch up after the run
+            self.schedule(key)
+            return
+        task = asyncio.get_running_loop().create_task(self._run(key))
+        self._running[key] = task
+        task.add_done_callback(lambda _t: self._running.pop(key, None))
+
+    @property
+    def idle(self) -> bool:
+        return not self._timers and not self._running
+
+    async def close(self) -> None:
+        self._closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for task in list(self._running.values()):
+            task.cancel()
+        for task in list(self._running.values()):
+            with contextlib.suppress(BaseException):
+                await task
 
 
 class Extractor:
@@ -56,11 +101,9 @@ class Extractor:
         self.provider = provider
         self.dashboards = dashboards
         self.debounce_s = debounce_s
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._extractions = Debounced(debounce_s, self._run_quietly)
+        self._summaries = Debounced(debounce_s, self._summarise_quietly)
         self._last_seen: dict[str, str] = {}
-        self._changes_since_summary: dict[str, int] = {}
-        self._closed = False
         self._providers: dict[str, LLMProvider] = {}
 
     def schedule(self, team_id: str, session_id: str, provider: LLMProvider | None = None) -> None:
@@ -68,28 +111,19 @@ class Extractor:
         with ``provider`` (the session's; default: the server's)."""
         if provider is not None:
             self._providers[session_id] = provider
-        if self._closed:
-            return
-        timer = self._timers.pop(session_id, None)
-        if timer is not None:
-            timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timers[session_id] = loop.call_later(
-            self.debounce_s, self._start, team_id, session_id
-        )
+        self._extractions.schedule((team_id, session_id))
 
-    def _start(self, team_id: str, session_id: str) -> None:
-        self._timers.pop(session_id, None)
-        if session_id in self._running:  # one run per session; catch up after
-            self.schedule(team_id, session_id)
-            return
-        task = asyncio.get_running_loop().create_task(self._run_quietly(team_id, session_id))
-        self._running[session_id] = task
-        task.add_done_callback(lambda _t: self._running.pop(session_id, None))
-
-    async def _run_quietly(self, team_id: str, session_id: str) -> None:
+    async def _run_quietly(self, key: tuple[str, str]) -> None:
+        team_id, session_id = key
         logs.bind(team=team_id, session=session_id, reply=None)
         await self.run(team_id, session_id)
+
+    async def _summarise_quietly(self, team_id: str) -> None:
+        logs.bind(team=team_id, session=None, reply=None)
+        try:
+            await self.refresh_summary(team_id)
+        except Exception:
+            log.exception("the dashboard summary of team %s failed", team_id)
 
     async def run(self, team_id: str, session_id: str) -> dict[str, Any]:
         """One extraction pass; returns what changed (empty when nothing did)."""
@@ -182,11 +216,7 @@ class Extractor:
         if not changes:
             return {}
         await self.dashboards.publish(team_id, version, changes)
-        count = sum(len(v) for v in changes.values())
-        self._changes_since_summary[team_id] = self._changes_since_summary.get(team_id, 0) + count
-        if self._changes_since_summary[team_id] >= SUMMARY_AFTER:
-            self._changes_since_summary[team_id] = 0
-            await self.refresh_summary(team_id)
+        self._summaries.schedule(team_id)
         return changes
 
     async def refresh_summary(self, team_id: str) -> None:
@@ -224,15 +254,8 @@ class Extractor:
     @property
     def idle(self) -> bool:
         """Nothing scheduled and nothing running."""
-        return not self._timers and not self._running
+        return self._extractions.idle and self._summaries.idle
 
     async def close(self) -> None:
-        self._closed = True
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        for task in list(self._running.values()):
-            task.cancel()
-        for task in list(self._running.values()):
-            with contextlib.suppress(BaseException):
-                await task
+        await self._extractions.close()
+        await self._summaries.close()

@@ -168,3 +168,34 @@ async def test_invalid_model_json_falls_back_to_markers(tmp_path: Path) -> None:
             assert len(again) == 1 and again[0]["version"] == 1
     finally:
         await server.stop()
+
+
+async def test_one_change_is_enough_for_a_new_summary(
+    anthropic_server: tuple[RunningServer, object],
+) -> None:
+    server, wire = anthropic_server
+    team = await make_team(server.state)
+    one_state = json.dumps({"tasks": [], "insights": [], "states": [EXTRACTED["states"][0]]})
+    wire.enqueue(  # type: ignore[attr-defined]
+        TextReply(["Noted."]),
+        ToolUseReply("record_extraction", partial_json=[one_state]),
+    )
+    wire.default = TextReply(["The beta is on track."])  # type: ignore[attr-defined]
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        h = team.owner.headers
+        sid = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
+        watcher = await WsClient.connect(server.ws_url, team.owner.api_key)
+        await watcher.request({"type": "subscribe", "channel": "dashboard"})
+        await watcher.expect("dashboard.snapshot")
+        r = await client.post(
+            f"/chat/sessions/{sid}/messages", json={"content": "the beta is on track"}, headers=h
+        )
+        assert r.status_code == 201
+        updates = await _updates(watcher, {"states", "summary"})
+        assert updates[0]["states"][0]["key"] == "beta.status"
+        assert next(u for u in updates if "summary" in u)["summary"]["text"] == (
+            "The beta is on track."
+        )
+        board = (await client.get("/dashboard", headers=h)).json()
+        assert board["summary"]["text"] == "The beta is on track."
+        await watcher.close()
