@@ -28,6 +28,7 @@ from chathub.llm.base import (
     ProviderError,
     StructuredOutput,
 )
+from chathub.llm.retry import PROVIDER_ERRORS
 
 log = logging.getLogger("chathub.extraction")
 
@@ -181,6 +182,7 @@ async def extract(
                 )
                 log.info("extraction answer invalid: %s", errors)
             except ProviderError as exc:
+                PROVIDER_ERRORS.labels(code=exc.code).inc()
                 log.info("extraction by the model failed (%s); using markers", exc.code)
                 break
     return ExtractionResult(deterministic(messages, today=today), "extractor", source)

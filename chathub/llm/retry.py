@@ -8,7 +8,9 @@ error propagates and the caller ends the reply as failed, keeping the partial
 text. Non-retryable errors (:class:`ProviderRejected`) propagate at once.
 
 The SDK clients are built with ``max_retries=0`` so that this is the only retry
-layer and a mid-stream failure is never silently restarted.
+layer and a mid-stream failure is never silently restarted. Every provider
+error seen here, retried or not, is counted in ``chathub_provider_errors_total``
+by its code.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from prometheus_client import Counter
+
 from chathub.llm.base import (
     CompletionRequest,
     LLMProvider,
@@ -28,6 +32,10 @@ from chathub.llm.base import (
 )
 
 log = logging.getLogger(__name__)
+
+PROVIDER_ERRORS = Counter(
+    "chathub_provider_errors_total", "Provider errors by kind, retried ones too", ["code"]
+)
 
 Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
@@ -79,6 +87,7 @@ async def stream_with_retry(
                 yield event
             return
         except ProviderError as exc:
+            PROVIDER_ERRORS.labels(code=exc.code).inc()
             if started or not exc.retryable or attempt == attempts - 1:
                 raise
             delay = backoff_delay(attempt, base_delay=base_delay, max_delay=max_delay, rng=rng)
@@ -114,6 +123,7 @@ async def call_with_retry(
         try:
             return await call()
         except ProviderError as exc:
+            PROVIDER_ERRORS.labels(code=exc.code).inc()
             if not exc.retryable or attempt == attempts - 1:
                 raise
             delay = backoff_delay(attempt, base_delay=base_delay, max_delay=max_delay, rng=rng)

@@ -7,6 +7,9 @@ import time
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Counted where providers are called (chathub.llm), listed here with the rest.
+from chathub.llm.retry import PROVIDER_ERRORS as PROVIDER_ERRORS
+
 OPEN_SOCKETS = Gauge("chathub_open_sockets", "Open WebSocket connections")
 FRAMES_IN = Counter("chathub_frames_in_total", "Client frames received")
 FRAMES_OUT = Counter("chathub_frames_out_total", "Frames sent to clients")
@@ -23,7 +26,6 @@ TOKENS_PER_SECOND = Histogram(
     "Output tokens per second of finished replies",
     buckets=(1, 5, 10, 25, 50, 100, 250, 1000, 10000),
 )
-PROVIDER_ERRORS = Counter("chathub_provider_errors_total", "Provider errors by kind", ["code"])
 GUARDRAIL_ACTIONS = Counter(
     "chathub_guardrail_actions_total", "Guardrail actions by rule", ["action", "rule"]
 )

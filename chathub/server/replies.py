@@ -526,8 +526,7 @@ class Replies:
                 failure = ProviderError("the reply took too long", retryable=True)
                 failure.code = "timeout"
             except ProviderError as exc:
-                failure = exc
-                metrics.PROVIDER_ERRORS.labels(code=exc.code).inc()
+                failure = exc  # counted where the provider was called
             except Exception as exc:
                 log.exception("reply %s failed", run.reply_id)
                 failure = ProviderError(f"internal error: {type(exc).__name__}", retryable=False)
