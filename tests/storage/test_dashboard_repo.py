@@ -465,3 +465,38 @@ async def test_unknown_ids_are_not_found(sm: Maker, team: TeamFixture) -> None:
 
 def test_conflict_is_a_409() -> None:
     assert PreconditionFailed.status == Conflict.status == 409
+
+
+async def test_concurrent_changes_get_distinct_dashboard_versions(
+    sm: Maker, team: TeamFixture
+) -> None:
+    """Each writer reads the dashboard version it announces in its own
+    transaction, after its change: writers of one team at the same moment
+    must still announce different versions, rising in the order they commit
+    (a client skips an update whose version is not above the last it saw)."""
+    start = await version(sm, team.team_id)
+    committed: list[int] = []
+    gate = asyncio.Event()
+
+    async def change(i: int) -> int:
+        async with transaction(sm) as db:
+            await gate.wait()
+            await repo.set_state(
+                db,
+                team_id=team.team_id,
+                key=f"k{i}",
+                value=i,
+                author_kind="extractor",
+                updated_by=None,
+            )
+            announced = await repo.dashboard_version(db, team_id=team.team_id)
+            await asyncio.sleep(0.01)  # others write meanwhile, where they can
+        committed.append(announced)
+        return announced
+
+    tasks = [asyncio.create_task(change(i)) for i in range(12)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    announced = await asyncio.gather(*tasks)
+    assert sorted(announced) == list(range(start + 1, start + 13))
+    assert committed == sorted(committed)

@@ -25,6 +25,8 @@ Dashboard version
     (task, insight and state versions plus summaries). Rows are never deleted
     and every change inserts exactly one, so it rises whenever something on
     the dashboard changes, never falls, and is the same on every replica.
+    Writers of one team are serialised (see ``_versions``), so two changes
+    made at the same moment announce two different versions.
 
 Validation
     Field values are checked here (status, due date, sizes, state keys, author

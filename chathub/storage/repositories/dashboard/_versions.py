@@ -1,10 +1,17 @@
 """Writing one immutable version row: the insert that loses a race quietly
-(``ON CONFLICT DO NOTHING``), the stale-version error, and the retry bound."""
+(``ON CONFLICT DO NOTHING``), the stale-version error, and the retry bound.
+
+On PostgreSQL a writer first takes its team's dashboard lock (a transaction
+advisory lock, held until it commits), so that the writers of one team
+commit one after the other and each counts the rows of those before it: the
+dashboard versions they announce differ and rise in commit order. SQLite
+has one writer at a time already."""
 
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -16,6 +23,8 @@ from chathub.storage.models import Base
 MAX_ATTEMPTS = 5
 
 _KEEP: Any = object()
+# Waits for, then holds until commit, the lock named by the team's id.
+_LOCK_TEAM = select(func.pg_advisory_xact_lock(func.hashtextextended(bindparam("key"), 0)))
 VersionRow = TypeVar("VersionRow", bound=Base)
 
 
@@ -26,6 +35,7 @@ async def _insert_version(
     writer already holds its ``unique`` key."""
     dialect = db.get_bind().dialect.name
     if dialect == "postgresql":
+        await db.execute(_LOCK_TEAM, {"key": f"chathub:dashboard:{values['team_id']}"})
         pg = pg_insert(model).values(**values).on_conflict_do_nothing(index_elements=unique)
         return await db.scalar(pg.returning(model))
     if dialect == "sqlite":
