@@ -43,10 +43,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("chathub.ws")
 
 CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
+CLOSE_RESTART = 1012  # as uvicorn closes sockets on shutdown: reconnect anywhere
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_SLOW = 4408
 

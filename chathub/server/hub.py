@@ -13,7 +13,7 @@ from collections import defaultdict
 from typing import Any
 
 from chathub.server import metrics
-from chathub.server.connection import Connection, SessionCursor
+from chathub.server.connection import CLOSE_RESTART, Connection, SessionCursor
 from chathub.server.frames import encode
 from chathub.server.session_log import Event, SessionLog
 
@@ -180,7 +180,7 @@ class Hub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def close(self, code: int = 1001) -> None:
+    async def close(self, code: int = CLOSE_RESTART) -> None:
         for conn in list(self.connections.values()):
             await conn.drain_and_stop(timeout=1.0)
             conn.close_soon(code, "server shutting down")

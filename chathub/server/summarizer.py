@@ -1,5 +1,5 @@
 """Rolling summaries: when a session's history outgrows the prompt, the
-turns that no longer fit are summarised (by the session's provider) into a
+turns that no longer fit are summarised (by the server's default provider) into a
 new, stored version of the session's summary, which later prompts carry."""
 
 from __future__ import annotations
