@@ -200,6 +200,12 @@ async def _read_frame(websocket: WebSocket, state: AppState, conn: Connection) -
         unavailable = Unavailable("a backing service is unavailable; try again shortly")
         conn.send(encode(unavailable.frame(request_id)))
         return True
+    except Exception:
+        # A fault of ours: this frame fails with `internal`; the socket, its
+        # sessions and its other requests go on.
+        log.exception("socket %s: a frame failed", conn.id)
+        conn.send(encode(ChathubError().frame(request_id)))
+        return True
     if request_id is not None:
         direct = replies[0]
         assert isinstance(direct, dict)  # the direct answer is built here

@@ -513,6 +513,33 @@ async def test_every_bad_frame_gets_an_error_and_the_socket_stays_open(
         await ws.close()
 
 
+async def test_a_fault_in_one_frame_is_an_internal_error_and_the_socket_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with custom_server(tmp_path, llm=scripted(text="fine, thanks ")) as s:
+        owner = s.team.owner
+        sid = await new_session(s.client, owner)
+        replies = s.server.state.replies
+
+        async def broken(*_args: Any, **_kwargs: Any) -> bool:
+            raise RuntimeError("a bug")
+
+        replies.cancel = broken  # type: ignore[method-assign]
+        ws = await WsClient.connect(s.server.ws_url, owner.api_key)
+        try:
+            await ws.request({"type": "join", "session_id": sid})
+            err = await ws.request({"type": "reply.cancel", "reply_id": "r-1"})
+            assert err["type"] == "error" and err["code"] == "internal", err
+            assert err["id"] and err["message"]
+            # the socket and its session go on
+            ack = await send_message(ws, sid, "c1")
+            done = await reply_finished(ws, ack["reply_id"])
+            assert done["type"] == "reply.completed" and done["message"]["content"]
+        finally:
+            await ws.close()
+    assert "RuntimeError: a bug" in caplog.text
+
+
 async def test_unknown_or_other_teams_session_is_not_found(
     clean_server: RunningServer,
     client: httpx.AsyncClient,
