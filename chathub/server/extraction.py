@@ -41,6 +41,26 @@ log = logging.getLogger("chathub.extraction")
 WINDOW = 12
 """Messages read per run at most (the newest since the last run)."""
 KNOWN_LIMIT = 100
+"""Newest tasks and insights a run compares what it found with (besides
+every open task, up to :data:`OPEN_LIMIT`)."""
+OPEN_LIMIT = 1000
+
+
+async def _known_tasks(db: AsyncSession, team_id: str) -> list[board.TaskView]:
+    """The tasks a run deduplicates against: the newest, and every open one
+    however old (a task mentioned again is most often one still open)."""
+    newest = await board.list_tasks(db, team_id=team_id, limit=KNOWN_LIMIT, cursor=None)
+    tasks = {t.id: t for t in newest.items}
+    cursor: str | None = None
+    while len(tasks) < KNOWN_LIMIT + OPEN_LIMIT:
+        page = await board.list_tasks(
+            db, team_id=team_id, limit=KNOWN_LIMIT, cursor=cursor, status="open"
+        )
+        tasks.update((t.id, t) for t in page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    return list(tasks.values())
 
 
 class Debounced:
@@ -149,9 +169,9 @@ class Extractor:
             return {}
         changed: dict[str, list[Any]] = {"tasks": [], "insights": [], "states": []}
         async with transaction(self.sessionmaker) as db:
-            page = await board.list_tasks(db, team_id=team_id, limit=KNOWN_LIMIT, cursor=None)
             known = [
-                KnownTask(t.id, t.version, t.title, t.owner, t.due, t.status) for t in page.items
+                KnownTask(t.id, t.version, t.title, t.owner, t.due, t.status)
+                for t in await _known_tasks(db, team_id)
             ]
             for change in plan_task_changes(found.tasks, known):
                 try:

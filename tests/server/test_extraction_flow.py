@@ -13,6 +13,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from chathub.storage.db import transaction
+from chathub.storage.repositories import dashboard as board
 from tests.fakewire.anthropic_server import TextReply, ToolUseReply, serve_anthropic
 from tests.harness import RunningServer, make_team, start_server, test_settings
 from tests.wsclient import WsClient, reply_end
@@ -199,3 +201,46 @@ async def test_one_change_is_enough_for_a_new_summary(
         board = (await client.get("/dashboard", headers=h)).json()
         assert board["summary"]["text"] == "The beta is on track."
         await watcher.close()
+
+
+async def test_an_old_open_task_mentioned_again_is_not_added_twice(tmp_path: Path) -> None:
+    settings = test_settings(
+        f"sqlite+aiosqlite:///{tmp_path / 'o.db'}",
+        tmp_path,
+        # an answer extraction cannot use, so the markers are read
+        llm=f"scripted://?text=Sure.&json={quote(json.dumps({'tasks': [{'due': 'x'}]}))}",
+        extraction_debounce_s=0.05,
+    )
+    server = await start_server(settings)
+    try:
+        team = await make_team(server.state)
+        async with transaction(server.state.sessionmaker) as db:
+            for title in ["renew the SSL certificate"] + [f"chore number {i}" for i in range(150)]:
+                await board.create_task(db, team_id=team.team_id, title=title, author_kind="user")
+        h = team.owner.headers
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            sid = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
+            r = await client.post(
+                f"/chat/sessions/{sid}/messages",
+                json={"content": "TODO: renew the SSL certificate"},
+                headers=h,
+            )
+            assert r.status_code == 201
+            await asyncio.sleep(0.1)  # past the debounce
+            for _ in range(200):
+                if server.state.extractor.idle:
+                    break
+                await asyncio.sleep(0.05)
+            assert server.state.extractor.idle
+            tasks: list[dict] = []
+            params = {"limit": "100"}
+            while True:
+                page = (await client.get("/dashboard/tasks", params=params, headers=h)).json()
+                tasks += page["items"]
+                if not page.get("next_cursor"):
+                    break
+                params["cursor"] = page["next_cursor"]
+        assert len(tasks) == 151
+        assert [t["title"] for t in tasks].count("renew the SSL certificate") == 1
+    finally:
+        await server.stop()
