@@ -71,6 +71,15 @@ def _admin_bootstrap(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _email(value: str) -> str:
+    from chathub.storage.repositories.teams import normalize_email
+
+    try:
+        return normalize_email(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r}: {exc}") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chathub", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
     boot = admin_sub.add_parser("bootstrap", help="create a team, its owner and an API key")
     boot.add_argument("--team", required=True)
-    boot.add_argument("--email", required=True)
+    boot.add_argument("--email", required=True, type=_email)
     boot.add_argument("--name", default="")
     boot.set_defaults(func=_admin_bootstrap)
     return parser

@@ -2,10 +2,14 @@
 
 Every error a client can see is a :class:`ChathubError` with an HTTP status and
 one of the contract's codes. REST renders it as problem+json, the socket as an
-``error`` frame; the same class serves both.
+``error`` frame; the same class serves both. The contract fixes the codes, not
+every status: a 405, 415 or 416 keeps its status and says ``bad_request``.
 
     ChathubError (500, internal)
     ├── BadRequest (400, bad_request)
+    │   ├── MethodNotAllowed (405, bad_request)      with the Allow header
+    │   ├── UnsupportedMediaType (415, bad_request)
+    │   └── RangeNotSatisfiable (416, bad_request)   with Content-Range: bytes */size
     ├── Unauthorized (401, unauthorized)
     ├── Forbidden (403, forbidden)
     ├── NotFound (404, not_found)
@@ -43,6 +47,10 @@ class ChathubError(Exception):
             **self.extra,
         }
 
+    def http_headers(self) -> dict[str, str]:
+        """Response headers that go with this error over HTTP."""
+        return {}
+
     def frame(self, request_id: str | None = None) -> dict[str, Any]:
         """The WebSocket ``error`` frame."""
         body: dict[str, Any] = {"type": "error", "code": self.code, "message": self.detail}
@@ -58,10 +66,42 @@ class BadRequest(ChathubError):
     title = "Bad request"
 
 
+class MethodNotAllowed(BadRequest):
+    status = 405
+    title = "Method not allowed"
+
+    def __init__(self, detail: str | None = None, *, allow: str) -> None:
+        super().__init__(detail)
+        self.allow = allow
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
+    title = "Unsupported media type"
+
+
+class RangeNotSatisfiable(BadRequest):
+    status = 416
+    title = "Range not satisfiable"
+
+    def __init__(self, detail: str | None = None, *, size: int) -> None:
+        super().__init__(detail)
+        self.size = size
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"}
+
+
 class Unauthorized(ChathubError):
     status = 401
     code = "unauthorized"
     title = "Unauthorized"
+
+    def http_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(ChathubError):
@@ -100,6 +140,9 @@ class RateLimited(ChathubError):
     def __init__(self, detail: str | None = None, *, retry_after_s: float) -> None:
         super().__init__(detail, retry_after_s=round(retry_after_s, 3))
         self.retry_after_s = retry_after_s
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
 
 
 class Unavailable(ChathubError):

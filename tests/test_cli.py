@@ -133,6 +133,19 @@ async def test_db_upgrade_creates_the_tables_on_postgres() -> None:
         await drop_pg_database(name)
 
 
+@pytest.mark.parametrize(
+    "email",
+    ["not-an-email", "a@" + "\u0130" * 245 + ".co"],  # the second: 495 characters lower-cased
+)
+async def test_bootstrap_refuses_a_bad_email_before_writing(tmp_path: Path, email: str) -> None:
+    code, _, err = await run(
+        str(CHATHUB), "admin", "bootstrap", "--team", "Bad", "--email", email,
+        env={"CHATHUB_DATA_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert code == 2 and "--email" in err, err
+    assert not (tmp_path / "chathub.db").exists()
+
+
 async def test_bad_command_line_exits_non_zero(tmp_path: Path) -> None:
     code, _, err = await run(
         str(CHATHUB), "admin", "bootstrap", "--team", "NoEmail",

@@ -25,10 +25,11 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
+from starlette import responses as starlette
 from starlette.responses import FileResponse, Response
 
 from chathub.auth import Principal
-from chathub.errors import Forbidden, NotFound
+from chathub.errors import BadRequest, Forbidden, NotFound, RangeNotSatisfiable
 from chathub.handlers.deps import PageDep, SessionDep, StateDep, Viewer, authenticate, bearer_token
 from chathub.handlers.file_meta import (
     OCTET_STREAM,
@@ -207,6 +208,23 @@ async def get_file(file_id: str, principal: Viewer, db: SessionDep) -> FileOut:
     return FileOut.model_validate(row)
 
 
+class BlobResponse(FileResponse):
+    """Starlette's file response (ranges included), whose refusals of a
+    ``Range`` header are our errors, rendered as problem+json like every
+    other, rather than its plain-text ones."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except starlette.MalformedRangeHeader as exc:
+            raise BadRequest(f"Range: {exc.content.removeprefix('Range header: ')}") from exc
+        except starlette.RangeNotSatisfiable as exc:
+            raise RangeNotSatisfiable(
+                f"Range: no byte of it is within the file's {file_size} bytes", size=exc.max_size
+            ) from exc
+
+
 def _etag_matches(if_none_match: str, etag: str) -> bool:
     tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
     return "*" in tags or etag in tags
@@ -214,11 +232,12 @@ def _etag_matches(if_none_match: str, etag: str) -> bool:
 
 @router.get(
     "/{file_id}/content",
-    response_class=FileResponse,
+    response_class=BlobResponse,
     responses={
         200: {"description": "The bytes", "content": {OCTET_STREAM: {}}},
+        206: {"description": "The bytes of the `Range` asked for"},
         304: {"description": "Not modified (`If-None-Match` matched the ETag)"},
-        **errors(404),
+        **errors(404, 416),
     },
 )
 async def get_content(
@@ -248,7 +267,7 @@ async def get_content(
         # Uploaded HTML or SVG opened directly must not run as our origin.
         "Content-Security-Policy": "default-src 'none'; sandbox",
     }
-    return FileResponse(state.blobs.path(row.sha256), headers=headers, stat_result=stat)
+    return BlobResponse(state.blobs.path(row.sha256), headers=headers, stat_result=stat)
 
 
 @router.delete("/{file_id}", status_code=204, responses=errors(403, 404))

@@ -46,6 +46,7 @@ _DESCRIPTIONS = {
     404: "No such object in the caller's team (`not_found`)",
     409: "Conflict, such as a stale `If-Match` version (`conflict`)",
     413: "Body over the size limit (`too_large`)",
+    416: "No byte of the `Range` is within the file (`bad_request`, with `Content-Range`)",
     429: "Rate limited (`rate_limited`, with `retry_after_s`)",
     503: "A dependency is unavailable (`unavailable`)",
     501: "Not available in this version",

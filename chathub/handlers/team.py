@@ -22,7 +22,6 @@ Every change writes an audit event.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -42,10 +41,6 @@ router = APIRouter(prefix="/team", tags=["team"])
 
 Role = Literal["viewer", "member", "admin", "owner"]
 
-# Deliberately loose: one "@", no spaces, a dot in the domain. Deliverability
-# is the inviter's business; this only refuses what cannot be an address.
-_EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f.]+(\.[^@\s\x00-\x1f\x7f.]+)+$")
-
 
 class MemberOut(Out):
     id: str
@@ -56,16 +51,14 @@ class MemberOut(Out):
 
 
 class MemberCreate(StrictBody):
-    email: str = Field(max_length=254)
+    email: str = Field(max_length=repo.EMAIL_MAX_LENGTH)
     name: str = Field(default="", max_length=200)
     role: Role = "member"
 
     @field_validator("email")
     @classmethod
     def _email(cls, value: str) -> str:
-        if not _EMAIL.match(value):
-            raise ValueError("not an email address")
-        return value.lower()
+        return repo.normalize_email(value)
 
 
 class MemberPatch(StrictBody):

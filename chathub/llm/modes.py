@@ -15,11 +15,30 @@ from importlib import resources
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from chathub.client_json import find_problem
 from chathub.llm.guardrails import Policy, PolicyError
 
 MODE_NAME = r"^[a-z][a-z0-9_-]{0,63}$"
+
+
+def _json_document(value: dict[str, Any]) -> dict[str, Any]:
+    """A mode's free-form document (its guardrails, a step's schema) is
+    stored, hashed and sent to providers as JSON: it must be JSON that
+    orjson writes. Its errors are TypeErrors, which pydantic would let
+    through as a crash rather than report, hence the ValueError."""
+    problem = find_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        raise ValueError(f"not writable as JSON: {exc}") from exc
+    return value
+
+
+JsonDocument = Annotated[dict[str, Any], AfterValidator(_json_document)]
 
 
 class FlowStep(BaseModel):
@@ -27,7 +46,7 @@ class FlowStep(BaseModel):
 
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
     prompt: Annotated[str, Field(min_length=1, max_length=20_000)]
-    output_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    output_schema: JsonDocument | None = Field(default=None, alias="schema")
 
 
 class Mode(BaseModel):
@@ -40,7 +59,7 @@ class Mode(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
     max_output_tokens: Annotated[int, Field(ge=16, le=32_000)] = 1024
     context_budget: Annotated[int, Field(ge=512, le=1_000_000)] = 8192
-    guardrails: dict[str, Any] = Field(default_factory=dict)
+    guardrails: JsonDocument = Field(default_factory=dict)
     extraction: bool = True
     flow: Annotated[list[FlowStep], Field(max_length=8)] = Field(default_factory=list)
 

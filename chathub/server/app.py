@@ -20,7 +20,9 @@ from chathub.server import problems
 from chathub.server.bus import create_bus
 from chathub.server.dashboards import Dashboards
 from chathub.server.extraction import Extractor
+from chathub.server.head import HeadAsGet
 from chathub.server.hub import Hub
+from chathub.server.input_checks import InputChecks
 from chathub.server.leases import create_leases
 from chathub.server.limits import MULTIPART_OVERHEAD, BodyLimit
 from chathub.server.metrics import HttpMetrics
@@ -190,8 +192,12 @@ def create_app(
             return settings.max_file_bytes + MULTIPART_OVERHEAD
         return settings.max_body_bytes
 
+    # The last added runs first: HEAD becomes GET before anything else looks;
+    # the input checks read bodies inside the body limit.
+    app.add_middleware(InputChecks)
     app.add_middleware(BodyLimit, limit_for=limit_for)
     app.add_middleware(HttpMetrics)
+    app.add_middleware(HeadAsGet)
 
     for router in routers():
         app.include_router(router)

@@ -1,7 +1,8 @@
 """WebSocket frames: parsing client frames and encoding server frames.
 
 Pure functions over data. A client frame that is not valid JSON, not an
-object, has an unknown ``type`` or a missing or wrong-typed field raises
+object, has an unknown ``type``, breaks :mod:`chathub.client_json`'s rules
+(a NUL in a string, nesting too deep) or has a missing or wrong-typed field raises
 :class:`~chathub.errors.BadRequest` carrying the frame's ``id`` when one could
 be read, so the caller answers with an ``error`` frame and keeps the socket.
 """
@@ -13,6 +14,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from chathub.client_json import find_problem
 from chathub.errors import BadRequest
 
 RequestId = Annotated[str, Field(max_length=64)]
@@ -110,6 +112,9 @@ def parse_frame(text: str) -> AnyFrame:
         raise FrameError("frame needs a string field 'type'", request_id)
     if kind not in FRAME_TYPES:
         raise FrameError(f"unknown frame type {kind!r}", request_id)
+    problem = find_problem(raw)
+    if problem is not None:
+        raise FrameError(problem, request_id)
     try:
         return _adapter.validate_python(raw)
     except ValidationError as exc:

@@ -17,11 +17,12 @@ from chathub.errors import (
     BadRequest,
     ChathubError,
     Forbidden,
+    MethodNotAllowed,
     NotFound,
-    RateLimited,
     TooLarge,
     Unauthorized,
     Unavailable,
+    UnsupportedMediaType,
 )
 
 log = logging.getLogger("chathub.http")
@@ -33,25 +34,19 @@ _BY_STATUS: dict[int, type[ChathubError]] = {
     401: Unauthorized,
     403: Forbidden,
     404: NotFound,
-    405: BadRequest,
     413: TooLarge,
-    415: BadRequest,
+    415: UnsupportedMediaType,
     422: BadRequest,
     503: Unavailable,
 }
 
 
 def problem_response(error: ChathubError, headers: dict[str, str] | None = None) -> Response:
-    headers = dict(headers or {})
-    if isinstance(error, RateLimited):
-        headers.setdefault("Retry-After", str(max(1, round(error.retry_after_s))))
-    if isinstance(error, Unauthorized):
-        headers.setdefault("WWW-Authenticate", "Bearer")
     return Response(
         orjson.dumps(error.problem()),
         status_code=error.status,
         media_type=PROBLEM_JSON,
-        headers=headers,
+        headers={**(headers or {}), **error.http_headers()},
     )
 
 
@@ -72,20 +67,36 @@ async def _chathub_error(_request: Request, exc: Exception) -> Response:
 
 async def _validation_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    if isinstance(exc.body, bytes):
+        # FastAPI reads a body as JSON only when its Content-Type says so;
+        # otherwise the route's model is handed the raw bytes.
+        return problem_response(
+            UnsupportedMediaType("the body must be JSON (Content-Type: application/json)")
+        )
     errors = _describe(list(exc.errors()))
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(p for p in first["loc"] if p != "body") or "request"
     return problem_response(BadRequest(f"{where}: {first['msg']}", errors=errors))
 
 
-async def _http_error(_request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    cls = _BY_STATUS.get(exc.status_code, ChathubError)
     detail = exc.detail if isinstance(exc.detail, str) else None
-    error = cls(detail)
-    if cls is ChathubError and exc.status_code < 500:
+    headers = dict(exc.headers or {})
+    error: ChathubError
+    if exc.status_code == 405:
+        allow = [m.strip() for m in headers.pop("Allow", "").split(",") if m.strip()]
+        if "GET" in allow and "HEAD" not in allow:
+            allow.append("HEAD")  # served by chathub.server.head.HeadAsGet
+        allowed = ", ".join(allow)
+        error = MethodNotAllowed(f"{request.method} is not allowed here ({allowed})", allow=allowed)
+    elif exc.status_code in _BY_STATUS:
+        error = _BY_STATUS[exc.status_code](detail)
+    elif exc.status_code < 500:
         error = BadRequest(detail)
-    return problem_response(error, headers=dict(exc.headers or {}))
+    else:
+        error = ChathubError(detail)
+    return problem_response(error, headers=headers)
 
 
 async def _backend_unavailable(_request: Request, exc: Exception) -> Response:

@@ -559,6 +559,50 @@ async def test_etag_revalidation_and_ranges(client: httpx.AsyncClient, team: Tea
     assert r.status_code == 206 and r.content == data[10:20]
 
 
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [
+        ("bytes=abc", 400),
+        ("items=0-1", 400),
+        ("bytes=5-1", 400),
+        ("bytes", 400),
+        ("bytes=2560-", 416),
+        ("bytes=100000-100010", 416),
+    ],
+)
+async def test_bad_ranges_are_problems(
+    client: httpx.AsyncClient, team: TeamFixture, value: str, status: int
+) -> None:
+    h = team.owner.headers
+    meta = (await upload(client, h, bytes(range(256)) * 10, name="bytes.bin")).json()
+    r = await client.get(f"/files/{meta['id']}/content", headers=h | {"range": value})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["code"] == "bad_request" and r.json()["status"] == status
+    assert "Range" in r.json()["detail"]
+    if status == 416:
+        assert r.headers["content-range"] == "bytes */2560"
+
+
+async def test_good_ranges_and_head(client: httpx.AsyncClient, team: TeamFixture) -> None:
+    h = team.owner.headers
+    data = bytes(range(256)) * 10
+    url = f"/files/{(await upload(client, h, data, name='bytes.bin')).json()['id']}/content"
+    r = await client.get(url, headers=h | {"range": "bytes=-5"})
+    assert r.status_code == 206 and r.content == data[-5:]
+    assert r.headers["content-range"] == "bytes 2555-2559/2560"
+    r = await client.get(url, headers=h | {"range": "bytes=2550-99999"})
+    assert r.status_code == 206 and r.content == data[2550:]
+    r = await client.get(url, headers=h | {"range": "bytes=0-1,10-11"})
+    assert r.status_code == 206 and r.headers["content-type"].startswith("multipart/byteranges")
+    head = await client.head(url, headers=h)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == "2560" and head.headers["etag"]
+    head = await client.head(url, headers=h | {"range": "bytes=10-19"})
+    assert head.status_code == 206 and head.content == b""
+    assert head.headers["content-range"] == "bytes 10-19/2560"
+
+
 async def test_size_limit(tmp_path: Path) -> None:
     """A server of its own with ``max_file_bytes=1024``."""
     running = await start_server(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import httpx
+import pytest
 
 from tests.harness import TeamFixture
 
@@ -86,3 +90,78 @@ async def test_mode_errors(client: httpx.AsyncClient, team: TeamFixture) -> None
     ).status_code == 400
     names = {m["name"] for m in (await client.get("/modes", headers=h)).json()["items"]}
     assert "x" not in names and "y" not in names
+
+
+def deep(depth: int) -> dict[str, Any]:
+    """An object nested ``depth`` levels deep."""
+    value: dict[str, Any] = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+FLOW = [{"name": "frame", "prompt": "p", "schema": {}}, {"name": "answer", "prompt": "q"}]
+
+BAD_DOCUMENTS: dict[str, Any] = {
+    # Each made a 500 once (an orjson TypeError from a model validator, or a
+    # serialisation depth error at storing); each is a 400 now.
+    "guardrails-300-deep": {"guardrails": deep(300)},
+    "guardrails-beyond-64-bits": {"guardrails": {"injection_threshold": 10**30}},
+    "schema-300-deep": {"flow": [FLOW[0] | {"schema": deep(300)}, FLOW[1]]},
+}
+# As written, for what json.dumps would not write.
+BAD_RAW_DOCUMENTS = {
+    "lone-surrogate": '"guardrails": {"blocklist": ["\\ud800"]}',
+    "number-beyond-a-double": '"guardrails": {"injection_threshold": 1' + "0" * 400 + "}",
+}
+
+
+async def keep_a_mode(client: httpx.AsyncClient, h: dict[str, str]) -> None:
+    r = await client.post("/modes", json=CUSTOM | {"name": "kept"}, headers=h)
+    assert r.status_code == 201, r.text
+
+
+async def assert_only_the_kept_mode(client: httpx.AsyncClient, h: dict[str, str]) -> None:
+    modes = (await client.get("/modes", headers=h)).json()["items"]
+    assert [m["name"] for m in modes if m["source"] == "team"] == ["kept"]
+    kept = (await client.get("/modes/kept", headers=h)).json()
+    assert kept["guardrails"] == {} and kept["flow"] == []
+
+
+@pytest.mark.parametrize("bad", BAD_DOCUMENTS.values(), ids=BAD_DOCUMENTS.keys())
+async def test_documents_that_cannot_be_stored_are_400(
+    client: httpx.AsyncClient, team: TeamFixture, bad: dict[str, Any]
+) -> None:
+    h = team.owner.headers
+    await keep_a_mode(client, h)
+    r = await client.post("/modes", json=CUSTOM | {"name": "y"} | bad, headers=h)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    r = await client.put("/modes/kept", json=CUSTOM | {"name": "kept"} | bad, headers=h)
+    assert r.status_code == 400, r.text
+    await assert_only_the_kept_mode(client, h)
+
+
+@pytest.mark.parametrize("bad", BAD_RAW_DOCUMENTS.values(), ids=BAD_RAW_DOCUMENTS.keys())
+async def test_documents_that_are_not_strict_json_are_400(
+    client: httpx.AsyncClient, team: TeamFixture, bad: str
+) -> None:
+    h = team.owner.headers | {"Content-Type": "application/json"}
+    await keep_a_mode(client, h)
+    for method, url, name in (("POST", "/modes", "y"), ("PUT", "/modes/kept", "kept")):
+        body = json.dumps(CUSTOM | {"name": name})[:-1] + ", " + bad + "}"
+        r = await client.request(method, url, content=body.encode(), headers=h)
+        assert r.status_code == 400, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+    await assert_only_the_kept_mode(client, h)
+
+
+async def test_a_schema_nested_within_the_limit_is_kept(
+    client: httpx.AsyncClient, team: TeamFixture
+) -> None:
+    h = team.owner.headers
+    flow = [FLOW[0] | {"schema": deep(30)}, FLOW[1]]
+    r = await client.post("/modes", json=CUSTOM | {"name": "deep", "flow": flow}, headers=h)
+    assert r.status_code == 201, r.text
+    stored = (await client.get("/modes/deep", headers=h)).json()
+    assert stored["flow"][0]["schema"] == deep(30)

@@ -120,6 +120,15 @@ async def test_removed_email_can_be_added_again(
     assert again["id"] != first["id"]
 
 
+async def test_emails_are_stored_lower_cased_within_the_limit(
+    client: httpx.AsyncClient, team: TeamFixture
+) -> None:
+    email = "\u0130" * 10 + "@" + "\u0130" * 100 + ".example"  # 119, and 229 lower-cased
+    r = await client.post("/team/members", json={"email": email}, headers=team.owner.headers)
+    assert r.status_code == 201, r.text
+    assert r.json()["email"] == email.lower() and len(email.lower()) == 229
+
+
 async def test_add_defaults_to_member_role(client: httpx.AsyncClient, team: TeamFixture) -> None:
     r = await client.post(
         "/team/members", json={"email": "plain@example.com"}, headers=team.owner.headers
@@ -229,6 +238,9 @@ async def test_bad_list_params_are_400(
         {"email": "nodot@localhost"},
         {"email": "@example.com"},
         {"email": "x" * 250 + "@example.com"},
+        # 250 characters, but 495 once lower-cased ("İ" becomes "i" and a dot)
+        {"email": "a@" + "\u0130" * 245 + ".co"},
+        {"email": "\u0130" * 40 + "@example.com"},  # a local part of 80 once lower-cased
         {"email": 7},
         {"email": "ok@example.com", "role": "superuser"},
         {"email": "ok@example.com", "role": "Owner"},

@@ -251,3 +251,47 @@ def test_encode_is_compact_json() -> None:
     text = encode({"type": "pong", "id": "é"})
     assert json.loads(text) == {"type": "pong", "id": "é"}
     assert " " not in text
+
+
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        ({"type": "join", "session_id": "\x00"}, "session_id"),
+        ({"type": "leave", "session_id": "s\x00"}, "session_id"),
+        (
+            {"type": "message.send", "session_id": SID, "client_msg_id": "c", "content": "h\x00"},
+            "content",
+        ),
+        (
+            {"type": "message.send", "session_id": SID, "client_msg_id": "\x00", "content": "hi"},
+            "client_msg_id",
+        ),
+        (
+            {
+                "type": "message.send",
+                "session_id": SID,
+                "client_msg_id": "c",
+                "content": "hi",
+                "file_ids": ["f", "\x00"],
+            },
+            "file_ids[1]",
+        ),
+        ({"type": "reply.cancel", "reply_id": "\x00"}, "reply_id"),
+        ({"type": "ping", "extra": {"k\x00": 1}}, "extra"),
+    ],
+)
+def test_a_nul_anywhere_is_refused_naming_the_field_and_keeping_the_id(
+    frame: dict[str, Any], field: str
+) -> None:
+    # PostgreSQL cannot store (nor compare with) a NUL: it would crash the socket.
+    err = bad({**frame, "id": "n1"})
+    assert err.request_id == "n1"
+    assert err.detail.startswith(field) and "NUL" in err.detail, err.detail
+
+
+def test_a_frame_nested_too_deep_is_refused() -> None:
+    deep: Any = []
+    for _ in range(200):
+        deep = [deep]
+    err = bad({"type": "ping", "id": "d1", "extra": deep})
+    assert err.request_id == "d1" and "nested deeper" in err.detail

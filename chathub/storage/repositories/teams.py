@@ -16,6 +16,7 @@ deadlocked pair), the aborted one gets :class:`Conflict` too, never a 500.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,12 +26,30 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chathub.auth import ROLE_RANK, ROLES, generate_api_key, hash_api_key
-from chathub.errors import Conflict, NotFound
+from chathub.errors import BadRequest, Conflict, NotFound
 from chathub.storage.db import rowcount
 from chathub.storage.models import ApiKey, Member, Team, utcnow
 from chathub.storage.pagination import Page, paginate
 
 OWNER = "owner"
+
+EMAIL_MAX_LENGTH = 254
+# Deliberately loose: one "@", no spaces, a dot in the domain. Deliverability
+# is the inviter's business; this only refuses what cannot be an address.
+_EMAIL = re.compile(r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f.]+(\.[^@\s\x00-\x1f\x7f.]+)+$")
+
+
+def normalize_email(email: str) -> str:
+    """The form in which an email is stored and compared: lower-cased.
+    ValueError when it is not an address, or is longer than
+    ``EMAIL_MAX_LENGTH`` once lower-cased (a few characters lower-case to
+    two: "İ" becomes "i" and a combining dot)."""
+    lowered = email.lower()
+    if not _EMAIL.match(lowered):
+        raise ValueError("not an email address")
+    if len(lowered) > EMAIL_MAX_LENGTH:
+        raise ValueError(f"longer than {EMAIL_MAX_LENGTH} characters once lower-cased")
+    return lowered
 
 
 @dataclass(frozen=True)
@@ -56,9 +75,13 @@ async def get_team(session: AsyncSession, team_id: str) -> Team:
 async def add_member(
     session: AsyncSession, *, team_id: str, email: str, name: str, role: str
 ) -> Member:
-    """Add a member; emails are compared case-insensitively (stored lowercased).
+    """Add a member; emails are compared case-insensitively (stored lowercased,
+    see :func:`normalize_email`, whose refusal is :class:`BadRequest`).
     An email already in the team raises :class:`Conflict`."""
-    email = email.lower()
+    try:
+        email = normalize_email(email)
+    except ValueError as exc:
+        raise BadRequest(f"email: {exc}") from exc
     existing = await session.scalar(
         select(Member.id).where(Member.team_id == team_id, Member.email == email)
     )
