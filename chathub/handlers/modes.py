@@ -93,7 +93,7 @@ async def replace_mode(
     return _out(mode, "team")
 
 
-@router.delete("/{name}", status_code=204, responses=errors(403, 404))
+@router.delete("/{name}", status_code=204, responses=errors(403, 404, 409))
 async def delete_mode(name: str, principal: AdminUser, db: SessionDep) -> Response:
     await repo.delete_mode(db, team_id=principal.team_id, name=name)
     await audit.record(

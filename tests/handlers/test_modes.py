@@ -55,6 +55,13 @@ async def test_team_mode_lifecycle(
     changed = CUSTOM | {"temperature": 0.9}
     r = await client.put("/modes/standup", json=changed, headers=h)
     assert r.status_code == 200 and r.json()["temperature"] == 0.9
+    # not while a session uses it: its next message would find no mode
+    in_use = await client.delete("/modes/standup", headers=h)
+    assert in_use.status_code == 409 and in_use.json()["sessions"] == 1, in_use.text
+    assert (await client.get("/modes/standup", headers=h)).status_code == 200
+    sid = s.json()["id"]
+    moved = await client.patch(f"/chat/sessions/{sid}", json={"mode": "chat"}, headers=h)
+    assert moved.status_code == 200, moved.text
     assert (await client.delete("/modes/standup", headers=h)).status_code == 204
     assert (await client.get("/modes/standup", headers=h)).status_code == 404
 

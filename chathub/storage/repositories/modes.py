@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chathub.errors import Conflict, Forbidden, NotFound
 from chathub.llm.modes import Mode, get_mode, shipped_modes
-from chathub.storage.models import TeamMode, utcnow
+from chathub.storage.models import ChatSession, TeamMode, utcnow
 
 ModeSource = Literal["shipped", "team"]
 
@@ -80,5 +80,20 @@ async def delete_mode(db: AsyncSession, *, team_id: str, name: str) -> None:
     row = await _row(db, team_id=team_id, name=name)
     if row is None:
         raise NotFound("mode not found")
+    in_use = await db.scalar(
+        select(func.count())
+        .select_from(ChatSession)
+        .where(
+            ChatSession.team_id == team_id,
+            ChatSession.mode == name,
+            ChatSession.deleted_at.is_(None),
+        )
+    )
+    if in_use:
+        # Their next message would find no mode: move them first.
+        raise Conflict(
+            f"{in_use} session(s) use mode {name!r}; change their mode before deleting it",
+            sessions=in_use,
+        )
     await db.delete(row)
     await db.flush()
