@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -19,21 +20,43 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from chathub.server.app import create_app
     from chathub.server.ws_protocol import uvicorn_settings
 
+    if args.workers > 1 and (settings.embedded or not settings.redis_url):
+        print(
+            "chathub: --workers above 1 needs CHATHUB_DATABASE_URL (PostgreSQL) and "
+            "CHATHUB_REDIS_URL: the workers share no memory, only those",
+            file=sys.stderr,
+        )
+        return 2
     try:
         app = create_app(settings, freeze_heap=True)
     except ConfigError as exc:
         print(f"chathub: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=settings.log_level,
-        log_config=None,  # uvicorn's loggers go through chathub.logs' handler
+    options = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": settings.log_level,
+        "log_config": None,  # uvicorn's loggers go through chathub.logs' handler
         **uvicorn_settings(settings),
-        timeout_graceful_shutdown=10,
-    )
+        "timeout_graceful_shutdown": 10,
+    }
+    if args.workers > 1:
+        # Each worker process builds its own app (worker_app) on one shared
+        # listening socket; uvicorn restarts a worker that dies.
+        uvicorn.run("chathub.cli:worker_app", factory=True, workers=args.workers, **options)
+    else:
+        uvicorn.run(app, **options)
     return 0
+
+
+def worker_app() -> Any:
+    """The app of one ``chathub serve --workers N`` worker process, built
+    from the environment as the parent's was (which checked it)."""
+    from chathub.server.app import create_app
+
+    settings = Settings()
+    logs.configure(settings.log_level, settings.log_format)
+    return create_app(settings, freeze_heap=True)
 
 
 def _db_upgrade(_args: argparse.Namespace, settings: Settings) -> int:
@@ -80,6 +103,16 @@ def _email(value: str) -> str:
         raise argparse.ArgumentTypeError(f"{value!r}: {exc}") from exc
 
 
+def _at_least_one(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chathub", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--workers",
+        type=_at_least_one,
+        default=1,
+        help="worker processes (above 1: PostgreSQL and Redis only)",
+    )
     serve.set_defaults(func=_serve)
 
     db = sub.add_parser("db", help="database maintenance")

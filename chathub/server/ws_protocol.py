@@ -22,9 +22,6 @@ awaitable ``websocket.send`` path, which waits for the transport. A hub
 fanning one event out to many sockets then costs one synchronous write per
 socket instead of a task wake-up and a coroutine chain per frame, and a
 socket with a backlog sends it in one write.
-
-``ws_protocol_class()`` falls back to uvicorn's default when its sansio
-implementation cannot be imported.
 """
 
 from __future__ import annotations
@@ -33,6 +30,9 @@ import asyncio
 import struct
 from collections.abc import Iterable
 from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
 
 from chathub.config import Settings
 
@@ -181,80 +181,71 @@ class Flag(_Waiters):
         return True
 
 
-def _lean_protocol_class() -> type[asyncio.Protocol] | None:
-    try:
-        from uvicorn.protocols.websockets.websockets_sansio_impl import (
-            WebSocketsSansIOProtocol,
-        )
-        from websockets.protocol import State
-    except ImportError:  # pragma: no cover - uvicorn or websockets too old
-        return None
+class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sansio protocol, minus what an idle socket need not hold."""
 
-    class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
-        """uvicorn's sansio protocol, minus what an idle socket need not hold."""
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.queue = Inbox()  # type: ignore[assignment]
-            self.writable = Flag()  # type: ignore[assignment]
-
-        def handle_connect(self, event: Any) -> None:
-            super().handle_connect(event)
-            # The scope holds its own copy of the headers; the parser's
-            # generator frame keeps ``event`` alive for the socket's life.
-            event.headers.clear()
-            self.request = None  # type: ignore[assignment]
-            if self.handshake_complete:  # rejected by websockets: sent and done
-                self._forget_response()
-            else:
-                self.scope["extensions"][SEND_NOW] = {"send_texts": self.send_texts_now}
-
-        def send_texts_now(self, texts: Iterable[str]) -> bool:
-            """Write ``texts`` as text frames in one transport write if the
-            socket is open and the transport takes data; else write nothing
-            and return False."""
-            if (
-                not self.writable.is_set()
-                or self.close_sent
-                or self.disconnected
-                or not self.handshake_complete
-                or self.initial_response is not None
-                or self.conn.state is not State.OPEN
-                or self.transport.is_closing()
-            ):
-                return False
-            conn = self.conn
-            if conn.extensions or conn.expect_continuation_frame:
-                # Compressed (per socket, with its own context): websockets frames it.
-                for text in texts:
-                    conn.send_text(text.encode())
-                self.transport.write(b"".join(conn.data_to_send()))
-            else:
-                self.transport.write(b"".join(map(_WIRE.of, texts)))
-            return True
-
-        def start_keepalive(self) -> None:
-            # uvicorn calls this right after writing the 101 response: the
-            # handshake is over, nothing reads the response any more.
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        # The scope holds its own copy of the headers; the parser's
+        # generator frame keeps ``event`` alive for the socket's life.
+        event.headers.clear()
+        self.request = None  # type: ignore[assignment]
+        if self.handshake_complete:  # rejected by websockets: sent and done
             self._forget_response()
-            super().start_keepalive()
+        else:
+            self.scope["extensions"][SEND_NOW] = {"send_texts": self.send_texts_now}
 
-        def _forget_response(self) -> None:
-            response = getattr(self, "response", None)
-            if response is not None:
-                response.headers.clear()
-                self.response = None  # type: ignore[assignment]
+    def send_texts_now(self, texts: Iterable[str]) -> bool:
+        """Write ``texts`` as text frames in one transport write if the
+        socket is open and the transport takes data; else write nothing
+        and return False."""
+        if (
+            not self.writable.is_set()
+            or self.close_sent
+            or self.disconnected
+            or not self.handshake_complete
+            or self.initial_response is not None
+            or self.conn.state is not State.OPEN
+            or self.transport.is_closing()
+        ):
+            return False
+        conn = self.conn
+        if conn.extensions or conn.expect_continuation_frame:
+            # Compressed (per socket, with its own context): websockets frames it.
+            for text in texts:
+                conn.send_text(text.encode())
+            self.transport.write(b"".join(conn.data_to_send()))
+        else:
+            self.transport.write(b"".join(map(_WIRE.of, texts)))
+        return True
 
-    return LeanWebSocketProtocol
+    def start_keepalive(self) -> None:
+        # uvicorn calls this right after writing the 101 response: the
+        # handshake is over, nothing reads the response any more.
+        self._forget_response()
+        super().start_keepalive()
+
+    def _forget_response(self) -> None:
+        response = getattr(self, "response", None)
+        if response is not None:
+            response.headers.clear()
+            self.response = None  # type: ignore[assignment]
 
 
-LEAN_PROTOCOL: type[asyncio.Protocol] | None = _lean_protocol_class()
+# A module-level class, so that ``chathub serve --workers`` can hand it to
+# its worker processes (by reference, pickled).
+LEAN_PROTOCOL: type[asyncio.Protocol] = LeanWebSocketProtocol
 
 
-def ws_protocol_class() -> type[asyncio.Protocol] | str:
+def ws_protocol_class() -> type[asyncio.Protocol]:
     """The WebSocket protocol chathub serves with: the lean subclass of
-    uvicorn's sansio implementation, else uvicorn's default (``"auto"``)."""
-    return LEAN_PROTOCOL if LEAN_PROTOCOL is not None else "auto"
+    uvicorn's sansio implementation."""
+    return LEAN_PROTOCOL
 
 
 def uvicorn_settings(settings: Settings) -> dict[str, Any]:

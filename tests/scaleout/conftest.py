@@ -285,13 +285,15 @@ class Instance:
                 await asyncio.sleep(0.1)
 
 
-def spawn_serve(name: str, env: dict[str, str], log: Path, cwd: Path) -> Instance:
-    """``python -m chathub serve`` on a free port, its output to ``log``.
-    ``cwd``: not the checkout: ``-m`` puts the working directory first on
-    sys.path, and PYTHONPATH (a patched copy) should win over it."""
+def spawn_serve(
+    name: str, env: dict[str, str], log: Path, cwd: Path, *args: str
+) -> Instance:
+    """``python -m chathub serve`` (with ``args``) on a free port, its output
+    to ``log``. ``cwd``: not the checkout: ``-m`` puts the working directory
+    first on sys.path, and PYTHONPATH (a patched copy) should win over it."""
     port = free_port()
     proc = spawn(
-        [PY, "-m", "chathub", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [PY, "-m", "chathub", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
         env=env,
         log=log,
         cwd=cwd,
