@@ -189,7 +189,7 @@ async def post_message(
     except BaseException:
         state.hub.leave(sink, session_id)
         raise
-    wants_sse = "text/event-stream" in request.headers.get("accept", "")
+    wants_sse = accepts_event_stream(request.headers.get("accept", ""))
     if wants_sse and not result.duplicate and result.reply_id is not None:
         return StreamingResponse(
             _event_stream(state, sink, session_id, result.reply_id),
@@ -230,3 +230,21 @@ async def _event_stream(
                     return
     finally:
         state.hub.leave(sink, session_id)
+
+
+def accepts_event_stream(accept: str) -> bool:
+    """Whether an ``Accept`` header takes ``text/event-stream`` (named, with
+    a quality above 0; RFC 9110 §12.5.1). Wildcards do not ask for a stream."""
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        if media.lower() != "text/event-stream":
+            continue
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    return float(value) > 0
+                except ValueError:
+                    return False
+        return True
+    return False

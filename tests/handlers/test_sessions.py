@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from chathub.handlers.sessions import accepts_event_stream
 from tests.harness import TeamFixture
 
 
@@ -151,3 +152,23 @@ async def test_messages_history_is_empty_then_404_for_unknown(
     assert r.json() == {"items": [], "next_cursor": None}
     r = await client.get("/chat/sessions/does-not-exist/messages", headers=h)
     assert r.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("accept", "streams"),
+    [
+        ("text/event-stream", True),
+        ("application/json, TEXT/Event-Stream; charset=utf-8", True),
+        ("text/event-stream;q=0.5", True),
+        ("text/event-stream;q=0", False),
+        ("text/event-stream; q=0.0, application/json", False),
+        ("text/event-stream;q=nope", False),
+        ("*/*", False),
+        ("application/json", False),
+        ("", False),
+    ],
+)
+def test_the_accept_header_asks_for_a_stream_only_by_name_and_above_q0(
+    accept: str, streams: bool
+) -> None:
+    assert accepts_event_stream(accept) is streams

@@ -285,9 +285,7 @@ class Instance:
                 await asyncio.sleep(0.1)
 
 
-def spawn_serve(
-    name: str, env: dict[str, str], log: Path, cwd: Path, *args: str
-) -> Instance:
+def spawn_serve(name: str, env: dict[str, str], log: Path, cwd: Path, *args: str) -> Instance:
     """``python -m chathub serve`` (with ``args``) on a free port, its output
     to ``log``. ``cwd``: not the checkout: ``-m`` puts the working directory
     first on sys.path, and PYTHONPATH (a patched copy) should win over it."""

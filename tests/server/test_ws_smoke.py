@@ -54,6 +54,16 @@ async def test_post_message_sse_and_json(client: httpx.AsyncClient, team: TeamFi
     text = "".join(e["text"] for e in events if e["type"] == "reply.delta")
     assert text and events[-1]["message"]["content"] == text
 
+    # text/event-stream refused (q=0), or not asked for: the finished turn as JSON
+    for accept in ("text/event-stream;q=0, application/json", "*/*"):
+        r = await client.post(
+            f"/chat/sessions/{sid}/messages",
+            json={"content": "json please"},
+            headers=h | {"accept": accept},
+        )
+        assert r.status_code == 201, (accept, r.text)
+        assert r.headers["content-type"] == "application/json", accept
+
     r = await client.post(f"/chat/sessions/{sid}/messages", json={"content": "now json"}, headers=h)
     assert r.status_code == 201, r.text
     turn = r.json()
