@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -53,6 +54,33 @@ async def _updates(ws: WsClient, want: set[str], timeout: float = 15) -> list[di
             if frame["type"] == "dashboard.updated":
                 got.append(frame)
     return got
+
+
+@asynccontextmanager
+async def markers_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    """A server whose model gives an extraction answer that does not
+    validate, so the deterministic markers are read instead."""
+    bad = quote(json.dumps({"tasks": [{"title": "x", "due": "whenever"}]}))
+    settings = test_settings(
+        f"sqlite+aiosqlite:///{tmp_path / 'm.db'}",
+        tmp_path,
+        llm=f"scripted://?text=Sure.&json={bad}",
+        extraction_debounce_s=0.05,
+    )
+    server = await start_server(settings)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def extraction_done(server: RunningServer) -> None:
+    await asyncio.sleep(0.1)  # past the debounce
+    for _ in range(200):
+        if server.state.extractor.idle:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("extraction still running")
 
 
 async def test_model_extraction_reaches_the_dashboard_live(
@@ -124,15 +152,7 @@ async def test_model_extraction_reaches_the_dashboard_live(
 
 
 async def test_invalid_model_json_falls_back_to_markers(tmp_path: Path) -> None:
-    bad = quote(json.dumps({"tasks": [{"title": "x", "due": "whenever"}]}))
-    settings = test_settings(
-        f"sqlite+aiosqlite:///{tmp_path / 'f.db'}",
-        tmp_path,
-        llm=f"scripted://?text=Sure.&json={bad}",
-        extraction_debounce_s=0.05,
-    )
-    server = await start_server(settings)
-    try:
+    async with markers_server(tmp_path) as server:
         team = await make_team(server.state)
         h = team.owner.headers
         async with httpx.AsyncClient(base_url=server.url) as client:
@@ -161,15 +181,9 @@ async def test_invalid_model_json_falls_back_to_markers(tmp_path: Path) -> None:
                 json={"content": "TODO: renew the SSL certificate by friday"},
                 headers=h,
             )
-            await asyncio.sleep(0.1)  # past the debounce
-            for _ in range(200):
-                if server.state.extractor.idle:
-                    break
-                await asyncio.sleep(0.05)
+            await extraction_done(server)
             again = (await client.get("/dashboard/tasks", headers=h)).json()["items"]
             assert len(again) == 1 and again[0]["version"] == 1
-    finally:
-        await server.stop()
 
 
 async def test_one_change_is_enough_for_a_new_summary(
@@ -204,15 +218,7 @@ async def test_one_change_is_enough_for_a_new_summary(
 
 
 async def test_an_old_open_task_mentioned_again_is_not_added_twice(tmp_path: Path) -> None:
-    settings = test_settings(
-        f"sqlite+aiosqlite:///{tmp_path / 'o.db'}",
-        tmp_path,
-        # an answer extraction cannot use, so the markers are read
-        llm=f"scripted://?text=Sure.&json={quote(json.dumps({'tasks': [{'due': 'x'}]}))}",
-        extraction_debounce_s=0.05,
-    )
-    server = await start_server(settings)
-    try:
+    async with markers_server(tmp_path) as server:
         team = await make_team(server.state)
         async with transaction(server.state.sessionmaker) as db:
             for title in ["renew the SSL certificate"] + [f"chore number {i}" for i in range(150)]:
@@ -226,12 +232,7 @@ async def test_an_old_open_task_mentioned_again_is_not_added_twice(tmp_path: Pat
                 headers=h,
             )
             assert r.status_code == 201
-            await asyncio.sleep(0.1)  # past the debounce
-            for _ in range(200):
-                if server.state.extractor.idle:
-                    break
-                await asyncio.sleep(0.05)
-            assert server.state.extractor.idle
+            await extraction_done(server)
             tasks: list[dict] = []
             params = {"limit": "100"}
             while True:
@@ -242,5 +243,3 @@ async def test_an_old_open_task_mentioned_again_is_not_added_twice(tmp_path: Pat
                 params["cursor"] = page["next_cursor"]
         assert len(tasks) == 151
         assert [t["title"] for t in tasks].count("renew the SSL certificate") == 1
-    finally:
-        await server.stop()
