@@ -225,31 +225,56 @@ class Replies:
             if isinstance(exc, IntegrityError):
                 # The same message, sent at once to another instance, was
                 # stored first: answer as to a resend.
-                duplicate = await self._duplicate(principal, session_id, client_msg_id)
+                duplicate = await self._duplicate(principal, session_id, client_msg_id, content)
                 if duplicate is not None:
                     return duplicate
             raise
 
     async def _duplicate(
-        self, principal: Principal, session_id: str, client_msg_id: str
+        self, principal: Principal, session_id: str, client_msg_id: str, content: str
     ) -> SendResult | None:
         async with self.sessionmaker() as db:
             await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
-            return await self._stored(db, session_id, client_msg_id)
+            return await self._stored(db, principal, session_id, client_msg_id, content)
 
     async def _stored(
-        self, db: AsyncSession, session_id: str, client_msg_id: str
+        self,
+        db: AsyncSession,
+        principal: Principal,
+        session_id: str,
+        client_msg_id: str,
+        content: str,
     ) -> SendResult | None:
-        """The result of the first send of ``client_msg_id``, if it was stored."""
+        """The result of the first send of ``client_msg_id``, if it was
+        stored; :class:`Conflict` if that send was of another message."""
         existing = await repo.find_by_client_msg_id(
             db, session_id=session_id, client_msg_id=client_msg_id
         )
         if existing is None:
             return None
+        if existing.content != content and not await self._stored_as(
+            db, principal, existing.mode, content, existing.content
+        ):
+            raise Conflict("client_msg_id was already used for a different message in this session")
         reply = await repo.reply_for(db, user_message_id=existing.id)
         return SendResult(
             message=message_view(existing), reply_id=reply.id if reply else None, duplicate=True
         )
+
+    async def _stored_as(
+        self,
+        db: AsyncSession,
+        principal: Principal,
+        mode_name: str | None,
+        content: str,
+        stored: str,
+    ) -> bool:
+        """Whether ``content`` is stored as ``stored``: the same text once the
+        input guardrail of the mode it was sent in redacted it."""
+        mode = await modes_repo.resolve_mode(
+            db, team_id=principal.team_id, name=mode_name or "chat"
+        )
+        return mode is not None and check_input(content, mode_policy(mode)).text == stored
 
     async def _store_and_start(
         self,
@@ -266,7 +291,7 @@ class Replies:
                 db, team_id=principal.team_id, session_id=session_id, client_msg_id=client_msg_id
             )
             if sent is not None:
-                stored = await self._stored(db, session_id, client_msg_id)
+                stored = await self._stored(db, principal, session_id, client_msg_id, content)
                 if stored is not None:
                     return stored
             if session_id in self._by_session:

@@ -137,13 +137,17 @@ async def test_user_input_is_redacted_or_refused_per_mode(leaky: RunningServer) 
         assert r.status_code == 400 and "guardrails" in r.json()["detail"]
 
         chat = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
-        r = await client.post(
-            f"/chat/sessions/{chat}/messages",
-            json={"content": f"mail me at {EMAIL} please"},
-            headers=h,
-        )
+        sent = {"content": f"mail me at {EMAIL} please", "client_msg_id": "m1"}
+        r = await client.post(f"/chat/sessions/{chat}/messages", json=sent, headers=h)
         assert r.status_code == 201
         assert r.json()["message"]["content"] == "mail me at [redacted:email] please"
+        # a retry is the same message, though it was stored redacted
+        again = await client.post(f"/chat/sessions/{chat}/messages", json=sent, headers=h)
+        assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
+        # the same client_msg_id for another message is a client's mistake
+        other = sent | {"content": "something else"}
+        r = await client.post(f"/chat/sessions/{chat}/messages", json=other, headers=h)
+        assert r.status_code == 409 and "client_msg_id" in r.json()["detail"], r.text
 
         strict = (await client.post("/chat/sessions", json={"mode": "nopii"}, headers=h)).json()[
             "id"

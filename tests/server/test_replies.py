@@ -129,11 +129,13 @@ async def test_resend_of_the_same_client_msg_id_gets_the_same_ack_and_no_second_
         at_once = await send_message(ws, sid, "same", "hi")  # a retry while replying
         await reply_finished(ws, first["reply_id"])
         later = await send_message(ws, sid, "same", "hi")  # a retry after the reply
+        reused = await send_message(ws, sid, "same", "another message")
         await ws.request({"type": "ping"})
     finally:
         await ws.close()
 
     assert first["type"] == "ack" and first["duplicate"] is False, first
+    assert reused["type"] == "error" and reused["code"] == "conflict", reused
     for dup in (at_once, later):
         assert dup["type"] == "ack", dup
         assert dup["duplicate"] is True
