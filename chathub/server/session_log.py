@@ -91,12 +91,21 @@ class _Window:
 
 
 class MemorySessionLog:
-    """In-process log: a bounded deque per session, idle sessions expire."""
+    """In-process log: a bounded deque per session, idle sessions expire.
 
-    def __init__(self, *, max_length: int = 10_000, ttl_s: float = 86_400) -> None:
+    An expired window leaves only its counter behind, and at most
+    ``max_counters`` of those (the least recently used go first): a session
+    whose counter went too is floored again from the database before anyone
+    joins it or sends to it (``ensure_floor``)."""
+
+    def __init__(
+        self, *, max_length: int = 10_000, ttl_s: float = 86_400, max_counters: int = 100_000
+    ) -> None:
         self.max_length = max_length
         self.ttl_s = ttl_s
+        self.max_counters = max_counters
         self._windows: OrderedDict[str, _Window] = OrderedDict()
+        self._counters: OrderedDict[str, int] = OrderedDict()  # expired: next seq
         self._listeners: list[Listener] = []
         self._expired_at = 0.0
 
@@ -104,7 +113,8 @@ class MemorySessionLog:
         window = self._windows.get(session_id)
         now = time.monotonic()
         if window is None:
-            window = _Window(next_seq=1, events=deque(maxlen=self.max_length), touched=now)
+            next_seq = self._counters.pop(session_id, 1)
+            window = _Window(next_seq, events=deque(maxlen=self.max_length), touched=now)
             self._windows[session_id] = window
         else:
             window.touched = now
@@ -121,10 +131,11 @@ class MemorySessionLog:
             if now - oldest.touched < self.ttl_s:
                 break
             # Keep the counter: a forgotten window would restart seq at 1.
-            if oldest.events:
-                oldest.events.clear()
-            self._windows.move_to_end(oldest_id)
-            oldest.touched = now
+            del self._windows[oldest_id]
+            counters = self._counters
+            counters[oldest_id] = oldest.next_seq
+            if len(counters) > self.max_counters:
+                counters.popitem(last=False)
 
     async def append(self, session_id: str, type: str, data: dict[str, Any]) -> Event:
         return self.append_now(session_id, type, data)
@@ -177,6 +188,7 @@ class MemorySessionLog:
 
     async def close(self) -> None:
         self._windows.clear()
+        self._counters.clear()
 
     async def ready(self) -> bool:
         return True

@@ -279,6 +279,25 @@ async def test_an_idle_window_expires_but_seq_goes_on(logs: Logs) -> None:
     assert (await log.append(sid, "x", {})).seq == 4
 
 
+async def test_the_memory_log_keeps_only_bounded_counters_of_expired_windows() -> None:
+    """An expired window leaves its counter, and only the most recent
+    ``max_counters`` of those: memory stays bounded however many sessions
+    a long-lived server has seen (one older than that is floored again
+    from the database before it is used)."""
+    log = MemorySessionLog(ttl_s=0.05, max_counters=3)
+    idle = [new_session() for _ in range(5)]
+    for n, sid in enumerate(idle):
+        for _ in range(n + 1):
+            await log.append(sid, "x", {})
+    await asyncio.sleep(0.1)
+    await log.append(new_session(), "x", {})  # the memory log expires on other activity
+
+    assert len(log._windows) == 1 and len(log._counters) == 3
+    assert [await log.last_seq(sid) for sid in idle[2:]] == [3, 4, 5]  # counted on
+    assert await log.last_seq(idle[0]) == 0  # forgotten
+    assert (await log.append(idle[4], "x", {})).seq == 6
+
+
 # -- frames ----------------------------------------------------------------
 
 TEXTS = [
