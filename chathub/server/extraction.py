@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import asdict
 from typing import Any
@@ -44,6 +45,8 @@ KNOWN_LIMIT = 100
 """Newest tasks and insights a run compares what it found with (besides
 every open task, up to :data:`OPEN_LIMIT`)."""
 OPEN_LIMIT = 1000
+LAST_SEEN_LIMIT = 10_000
+"""Sessions whose last extracted message is remembered."""
 
 
 async def _known_tasks(db: AsyncSession, team_id: str) -> list[board.TaskView]:
@@ -123,7 +126,10 @@ class Extractor:
         self.debounce_s = debounce_s
         self._extractions = Debounced(debounce_s, self._run_quietly)
         self._summaries = Debounced(debounce_s, self._summarise_quietly)
-        self._last_seen: dict[str, str] = {}
+        # The last message each session's extraction read, for the sessions
+        # seen most recently (one forgotten re-reads its newest messages,
+        # which deduplication absorbs).
+        self._last_seen: OrderedDict[str, str] = OrderedDict()
         self._providers: dict[str, LLMProvider] = {}
 
     def schedule(self, team_id: str, session_id: str, provider: LLMProvider | None = None) -> None:
@@ -164,6 +170,9 @@ class Extractor:
         provider = self._providers.pop(session_id, self.provider)
         result = await extract(provider, sources, today=dt.date.today())
         self._last_seen[session_id] = sources[-1].id
+        self._last_seen.move_to_end(session_id)
+        if len(self._last_seen) > LAST_SEEN_LIMIT:
+            self._last_seen.popitem(last=False)
         found = result.extraction
         if found.empty:
             return {}

@@ -14,6 +14,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from chathub.server import extraction
 from chathub.storage.db import transaction
 from chathub.storage.repositories import dashboard as board
 from tests.fakewire.anthropic_server import TextReply, ToolUseReply, serve_anthropic
@@ -243,3 +244,23 @@ async def test_an_old_open_task_mentioned_again_is_not_added_twice(tmp_path: Pat
                 params["cursor"] = page["next_cursor"]
         assert len(tasks) == 151
         assert [t["title"] for t in tasks].count("renew the SSL certificate") == 1
+
+
+async def test_extraction_remembers_a_bounded_number_of_sessions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(extraction, "LAST_SEEN_LIMIT", 2)
+    async with markers_server(tmp_path) as server:
+        team = await make_team(server.state)
+        h = team.owner.headers
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            sessions = []
+            for n in range(3):
+                sid = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
+                sessions.append(sid)
+                r = await client.post(
+                    f"/chat/sessions/{sid}/messages", json={"content": f"hello {n}"}, headers=h
+                )
+                assert r.status_code == 201
+                await extraction_done(server)
+        assert list(server.state.extractor._last_seen) == sessions[1:]
