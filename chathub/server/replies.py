@@ -195,14 +195,16 @@ class Replies:
         if self._closing:
             raise Unavailable("server is shutting down")
         lock = self._locks.setdefault(session_id, asyncio.Lock())
-        async with lock:
-            try:
+        try:
+            async with lock:
                 return await self._send_locked(
                     principal, session_id, client_msg_id, content, mode, file_ids
                 )
-            finally:
-                if not lock._waiters:  # no one else queued: forget the lock
-                    self._locks.pop(session_id, None)
+        finally:
+            # No one holds or awaits it (also when this call was cancelled
+            # while waiting): forget the lock.
+            if not lock.locked() and not lock._waiters and self._locks.get(session_id) is lock:
+                del self._locks[session_id]
 
     async def _send_locked(
         self,
@@ -562,6 +564,12 @@ class Replies:
             failure.code = "interrupted"
             await asyncio.shield(self._finish(run, failure))
             raise
+        except Exception as exc:
+            # Before generation began (the session log refused an event): the
+            # reply still ends, and frees its session.
+            log.exception("reply %s could not start", run.reply_id)
+            failure = ProviderError(f"internal error: {type(exc).__name__}", retryable=True)
+            failure.code = "internal"
         await self._finish(run, failure)
 
     async def _finish(self, run: ReplyRun, failure: ProviderError | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -476,3 +477,39 @@ async def test_one_message_stored_at_once_by_two_instances_is_stored_and_answere
         finally:
             for replies in instances:
                 await replies.close()
+
+
+async def test_a_reply_whose_first_event_cannot_be_logged_ends_and_frees_the_session(
+    tmp_path: Path,
+) -> None:
+    async with custom_server(tmp_path, llm=scripted(text="fine, thanks ")) as s:
+        owner = s.team.owner
+        sid = await new_session(s.client, owner)
+        session_log = s.server.state.session_log
+        append = session_log.append
+        failed: list[str] = []
+
+        async def refuse_once(session_id: str, type_: str, data: Any) -> Any:
+            if type_ == "message.created" and not failed:
+                failed.append(type_)
+                raise ConnectionError("the session log is unreachable")
+            return await append(session_id, type_, data)
+
+        session_log.append = refuse_once  # type: ignore[method-assign]
+        ws = await WsClient.connect(s.server.ws_url, owner.api_key)
+        try:
+            await ws.request({"type": "join", "session_id": sid})
+            first = await send_message(ws, sid, "c1")
+            ended = await reply_finished(ws, first["reply_id"], timeout=10)
+            assert ended["type"] == "reply.failed" and ended["code"] == "internal", ended
+            assert ended["retryable"] is True
+            # the session is free: the next message is answered
+            second = await send_message(ws, sid, "c2", "again")
+            assert second["type"] == "ack", second
+            done = await reply_finished(ws, second["reply_id"], timeout=10)
+            assert done["type"] == "reply.completed"
+        finally:
+            await ws.close()
+        stored = await stored_message(s.client, owner, sid, first["reply_id"])
+        assert stored["status"] == "failed"
+        assert not s.server.state.replies.runs
