@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -47,6 +47,9 @@ class ChathubApp(FastAPI):
         super().__init__(**kwargs)
         self.socket_path = socket_path
         self.socket_app = socket_app
+        # Set while serving: what to do when the server starts closing its
+        # sockets, before it does (see chathub.server.ws_protocol).
+        self.closing_hook: Callable[[], Awaitable[None]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and _route_path(scope) == self.socket_path:
@@ -159,9 +162,19 @@ def create_app(
             # full collection after startup: about 50 ms before, under 1 after).
             gc.collect()
             gc.freeze()
+
+        async def end_replies_then_sockets() -> None:
+            # Each live reply's ending reaches its sockets before they close.
+            await state.replies.interrupt_all()
+            await hub.close()
+
+        if isinstance(app, ChathubApp):
+            app.closing_hook = end_replies_then_sockets
         try:
             yield {"chathub": state}
         finally:
+            if isinstance(app, ChathubApp):
+                app.closing_hook = None
             await reaper.close()
             await state.replies.close()
             await state.replies.summarizer.close()

@@ -762,12 +762,17 @@ class Replies:
             await run.done.wait()
 
     async def close(self) -> None:
-        """End every local reply as ``interrupted``, storing its partial text."""
-        self._closing = True
+        """:meth:`interrupt_all`, then let go of the bus and the providers."""
+        await self.interrupt_all()
         self._unsubscribe()
         for named in self._named.values():
             with contextlib.suppress(Exception):
                 await named.aclose()
+
+    async def interrupt_all(self) -> None:
+        """End every local reply as ``interrupted``, storing its partial
+        text, and take no new message: the server is stopping."""
+        self._closing = True
         tasks = [run.task for run in self.runs.values() if run.task is not None]
         for task in tasks:
             task.cancel()

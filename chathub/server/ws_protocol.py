@@ -27,14 +27,17 @@ socket with a backlog sends it in one write.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
 from chathub.config import Settings
+
+log = logging.getLogger("chathub.ws")
 
 SEND_NOW = "chathub.websocket.send_now"
 """The scope extension of :class:`LeanWebSocketProtocol`'s synchronous send."""
@@ -224,6 +227,21 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             self.transport.write(b"".join(map(_WIRE.of, texts)))
         return True
 
+    def shutdown(self) -> None:
+        """The server is stopping: uvicorn closes each socket with 1012 at
+        once, then shuts the app down. First let the app end its live
+        replies, so that their endings reach the sockets (once per server,
+        for every socket; bounded by :data:`CLOSING_HOOK_TIMEOUT_S`)."""
+        closing = _closing(self)
+        if closing is None or closing.done():
+            super().shutdown()
+        else:
+            closing.add_done_callback(self._shutdown_after_closing)
+
+    def _shutdown_after_closing(self, _closing: asyncio.Future[None]) -> None:
+        if not self.transport.is_closing():
+            super().shutdown()
+
     def start_keepalive(self) -> None:
         # uvicorn calls this right after writing the 101 response: the
         # handshake is over, nothing reads the response any more.
@@ -235,6 +253,33 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         if response is not None:
             response.headers.clear()
             self.response = None  # type: ignore[assignment]
+
+
+CLOSING_HOOK_TIMEOUT_S = 5.0
+
+
+def _closing(protocol: Any) -> asyncio.Future[None] | None:
+    """The app's closing hook (``closing_hook`` on the app under uvicorn's
+    wrappers), started once per server; None when the app has none."""
+    state = protocol.config  # one per server
+    closing: asyncio.Future[None] | None = getattr(state, "chathub_closing", None)
+    if closing is None:
+        app = protocol.app
+        while app is not None and getattr(app, "closing_hook", None) is None:
+            app = getattr(app, "app", None)  # uvicorn's middleware wraps it
+        if app is None:
+            return None
+        closing = asyncio.ensure_future(_bounded(app.closing_hook()))
+        state.chathub_closing = closing
+    return closing
+
+
+async def _bounded(hook: Awaitable[None]) -> None:
+    try:
+        async with asyncio.timeout(CLOSING_HOOK_TIMEOUT_S):
+            await hook
+    except Exception:
+        log.exception("the app's closing hook failed")
 
 
 # A module-level class, so that ``chathub serve --workers`` can hand it to

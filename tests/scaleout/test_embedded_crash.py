@@ -6,10 +6,12 @@ again. A real ``python -m chathub serve`` process, a real socket."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from tests.scaleout.conftest import (
     FULL_TEXT,
@@ -102,3 +104,43 @@ async def test_a_killed_embedded_server_keeps_the_checkpointed_text(tmp_path: Pa
             await ws.close()
     finally:
         await reap(second.proc)
+
+
+async def test_a_stopped_server_ends_the_reply_on_the_socket_before_closing_it(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM mid-reply: the socket receives the reply's ending
+    (``reply.failed``, ``interrupted``, with the text streamed so far) and
+    only then the close, 1012."""
+    env = embedded_env(tmp_path)
+    created = json.loads(
+        run_cli(
+            ["admin", "bootstrap", "--team", "Solo", "--email", "owner@solo.example"],
+            env,
+            tmp_path,
+        ).splitlines()[-1]
+    )
+    server = await start(tmp_path, env, "stopped")
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
+            session_id = (
+                await http.post(
+                    "/chat/sessions",
+                    json={},
+                    headers={"Authorization": f"Bearer {created['api_key']}"},
+                )
+            ).json()["id"]
+        ws = await connect_to(server, created["api_key"])
+        await join(ws, session_id)
+        reply_id = await send(ws, session_id, "m1")
+        await count_deltas(ws, reply_id, 10)
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed):
+            await ws.until(lambda _frame: False, timeout=20)
+        code = ws.conn.close_code
+    finally:
+        await reap(server.proc)
+    (ended,) = [f for f in ws.seen if f.get("type") in ("reply.completed", "reply.failed")]
+    assert ended["type"] == "reply.failed" and ended["code"] == "interrupted", ended
+    assert ended["partial"]["content"] == deltas(ws.seen, reply_id)
+    assert code == 1012
