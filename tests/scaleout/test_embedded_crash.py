@@ -42,6 +42,15 @@ def embedded_env(tmp: Path) -> dict[str, str]:
     )
 
 
+def bootstrap(env: dict[str, str], tmp: Path) -> dict[str, str]:
+    """A team with its owner's API key, as ``chathub admin bootstrap`` prints it."""
+    out = run_cli(
+        ["admin", "bootstrap", "--team", "Solo", "--email", "owner@solo.example"], env, tmp
+    )
+    created: dict[str, str] = json.loads(out.splitlines()[-1])
+    return created
+
+
 async def start(tmp: Path, env: dict[str, str], name: str) -> Instance:
     instance = spawn_serve(name, env, tmp / f"{name}.log", tmp)
     await instance.wait_ready()
@@ -51,13 +60,7 @@ async def start(tmp: Path, env: dict[str, str], name: str) -> Instance:
 async def test_a_killed_embedded_server_keeps_the_checkpointed_text(tmp_path: Path) -> None:
     env = embedded_env(tmp_path)
     run_cli(["db", "upgrade"], env, tmp_path)
-    created = json.loads(
-        run_cli(
-            ["admin", "bootstrap", "--team", "Solo", "--email", "owner@solo.example"],
-            env,
-            tmp_path,
-        ).splitlines()[-1]
-    )
+    created = bootstrap(env, tmp_path)
     headers = {"Authorization": f"Bearer {created['api_key']}"}
 
     first = await start(tmp_path, env, "first")
@@ -113,13 +116,7 @@ async def test_a_stopped_server_ends_the_reply_on_the_socket_before_closing_it(
     (``reply.failed``, ``interrupted``, with the text streamed so far) and
     only then the close, 1012."""
     env = embedded_env(tmp_path)
-    created = json.loads(
-        run_cli(
-            ["admin", "bootstrap", "--team", "Solo", "--email", "owner@solo.example"],
-            env,
-            tmp_path,
-        ).splitlines()[-1]
-    )
+    created = bootstrap(env, tmp_path)
     server = await start(tmp_path, env, "stopped")
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
