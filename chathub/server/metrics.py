@@ -1,4 +1,7 @@
-"""Prometheus metrics (the default registry; one process, one set)."""
+"""Prometheus metrics (the default registry; one process, one set).
+
+``chathub_provider_errors_total`` is defined in ``chathub.llm.retry``,
+where provider calls are made and their errors counted."""
 
 from __future__ import annotations
 
@@ -6,9 +9,6 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-# Counted where providers are called (chathub.llm), listed here with the rest.
-from chathub.llm.retry import PROVIDER_ERRORS as PROVIDER_ERRORS
 
 OPEN_SOCKETS = Gauge("chathub_open_sockets", "Open WebSocket connections")
 FRAMES_IN = Counter("chathub_frames_in_total", "Client frames received")
