@@ -22,6 +22,14 @@ awaitable ``websocket.send`` path, which waits for the transport. A hub
 fanning one event out to many sockets then costs one synchronous write per
 socket instead of a task wake-up and a coroutine chain per frame, and a
 socket with a backlog sends it in one write.
+
+The HTTP protocol chathub serves with is uvicorn's httptools one, with one
+change: when the server stops while a response is still streaming (a reply
+as server-sent events, or a REST caller waiting for its finished reply), it
+starts the same closing hook as the sockets do, so that the live replies end
+(``reply.failed``, ``interrupted``) and their responses complete at once,
+instead of running on into uvicorn's graceful-shutdown timeout and being cut
+there with no ending.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import struct
 from collections.abc import Awaitable, Iterable
 from typing import Any
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
@@ -255,6 +264,17 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             self.response = None  # type: ignore[assignment]
 
 
+class ClosingHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, which also ends the app's live replies
+    when the server stops while this connection's response still streams."""
+
+    def shutdown(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            _closing(self)
+        super().shutdown()
+
+
 CLOSING_HOOK_TIMEOUT_S = 5.0
 
 
@@ -285,6 +305,7 @@ async def _bounded(hook: Awaitable[None]) -> None:
 # A module-level class, so that ``chathub serve --workers`` can hand it to
 # its worker processes (by reference, pickled).
 LEAN_PROTOCOL: type[asyncio.Protocol] = LeanWebSocketProtocol
+HTTP_PROTOCOL: type[asyncio.Protocol] = ClosingHttpProtocol
 
 
 def ws_protocol_class() -> type[asyncio.Protocol]:
@@ -295,9 +316,10 @@ def ws_protocol_class() -> type[asyncio.Protocol]:
 
 def uvicorn_settings(settings: Settings) -> dict[str, Any]:
     """The ``uvicorn.Config`` arguments ``chathub serve`` and the test
-    servers share: WebSocket protocol, frame size limit, compression, the
-    proxies whose forwarded headers count."""
+    servers share: HTTP and WebSocket protocols, frame size limit,
+    compression, the proxies whose forwarded headers count."""
     return {
+        "http": HTTP_PROTOCOL,
         "ws": ws_protocol_class(),
         "ws_max_size": settings.ws_max_frame_bytes,
         "ws_per_message_deflate": settings.ws_compression,

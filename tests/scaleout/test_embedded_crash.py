@@ -5,9 +5,11 @@ again. A real ``python -m chathub serve`` process, a real socket."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from tests.scaleout.conftest import (
     join,
     reap,
     run_cli,
+    scripted_llm,
     send,
     spawn_serve,
 )
@@ -141,3 +144,42 @@ async def test_a_stopped_server_ends_the_reply_on_the_socket_before_closing_it(
     assert ended["type"] == "reply.failed" and ended["code"] == "interrupted", ended
     assert ended["partial"]["content"] == deltas(ws.seen, reply_id)
     assert code == 1012
+
+
+async def test_a_stopped_server_ends_a_streaming_sse_reply_before_closing_it(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a reply streams as server-sent events, with no socket
+    open: the stream receives the reply's ending (``reply.failed``,
+    ``interrupted``, with the text streamed so far) and completes, and the
+    server exits. The reply is slow (20 s), longer than uvicorn's graceful
+    shutdown wait, which would otherwise cut the stream with no ending."""
+    env = embedded_env(tmp_path) | {"CHATHUB_LLM": scripted_llm(rate=5)}
+    created = bootstrap(env, tmp_path)
+    server = await start(tmp_path, env, "stopped-sse")
+    headers = {"Authorization": f"Bearer {created['api_key']}"}
+    frames: list[dict[str, Any]] = []
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            session_id = (await http.post("/chat/sessions", json={}, headers=headers)).json()["id"]
+            async with http.stream(
+                "POST",
+                f"/chat/sessions/{session_id}/messages",
+                json={"content": "hello", "client_msg_id": "m1"},
+                headers=headers | {"accept": "text/event-stream"},
+            ) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    frames.append(json.loads(line[6:]))
+                    if sum(f["type"] == "reply.delta" for f in frames) == 3:
+                        server.proc.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(server.proc.wait, 30)
+    finally:
+        await reap(server.proc)
+    ended = frames[-1]
+    assert ended["type"] == "reply.failed" and ended["code"] == "interrupted", ended
+    assert ended["partial"]["content"] == deltas(frames, ended["reply_id"])
+    assert exit_code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it stopped on
+    assert "graceful shutdown exceeded" not in server.log.read_text()
