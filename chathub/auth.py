@@ -31,6 +31,9 @@ class Principal:
     team_id: str
     role: str
     api_key_id: str | None = None
+    expires_at: float | None = None
+    """When the credential stops being valid (a JWT's ``exp``, in Unix
+    seconds); None for an API key, which lasts until it is revoked."""
 
     def has_role(self, minimum: str) -> bool:
         return ROLE_RANK[self.role] >= ROLE_RANK[minimum]
@@ -108,11 +111,17 @@ class TokenCodec:
             raise Unauthorized(f"invalid token: {exc}") from exc
         role = claims.get("role")
         team_id = claims.get("team_id")
-        if role not in ROLE_RANK or not isinstance(team_id, str):
+        key_id = claims.get("kid")
+        if (
+            role not in ROLE_RANK
+            or not isinstance(team_id, str)
+            or not isinstance(key_id, str | None)
+        ):
             raise Unauthorized("invalid token claims")
         return Principal(
             member_id=str(claims["sub"]),
             team_id=team_id,
             role=role,
-            api_key_id=claims.get("kid"),
+            api_key_id=key_id,
+            expires_at=float(claims["exp"]),
         )

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
-from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Header, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chathub import logs
-from chathub.auth import ROLE_RANK, Principal, looks_like_api_key
+from chathub.auth import Principal
 from chathub.errors import Forbidden, Unauthorized
+from chathub.server import credentials
 from chathub.server.state import AppState
-from chathub.storage.models import utcnow
-from chathub.storage.repositories import teams
-
-# last_used_at is kept to this resolution, so that using a key is not a write
-# on every request.
-LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 
 def get_state(request: Request) -> AppState:
@@ -51,31 +44,7 @@ def bearer_token(authorization: str | None) -> str:
 
 async def authenticate(state: AppState, db: AsyncSession, token: str) -> Principal:
     """A principal from a JWT or an API key; the member must still exist."""
-    if looks_like_api_key(token):
-        found = await teams.find_active_key(db, token)
-        if found is None:
-            raise Unauthorized("unknown or revoked API key")
-        key, member = found
-        now = utcnow()
-        if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
-            await teams.touch_api_key(db, key.id)
-        return Principal(
-            member_id=member.id, team_id=member.team_id, role=key.role, api_key_id=key.id
-        )
-    principal = state.tokens.verify(token)
-    # A token lives for its TTL; the member, their role and the key it was
-    # issued for are checked now, so removal, demotion and revocation bite at once.
-    role = await teams.current_role(
-        db,
-        team_id=principal.team_id,
-        member_id=principal.member_id,
-        api_key_id=principal.api_key_id,
-    )
-    if role is None:
-        raise Unauthorized("the member or the key this token was issued for is gone")
-    if ROLE_RANK[role] < ROLE_RANK[principal.role]:
-        principal = replace(principal, role=role)
-    return principal
+    return await credentials.authenticate(state.tokens, db, token)
 
 
 async def current_principal(

@@ -25,14 +25,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, BackgroundTasks, Query
 from pydantic import Field, field_validator
 from starlette.responses import Response
 
 from chathub.auth import ROLE_RANK, Principal
 from chathub.errors import BadRequest, Forbidden
-from chathub.handlers.deps import AdminUser, PageDep, SessionDep, Viewer
+from chathub.handlers.deps import AdminUser, PageDep, SessionDep, StateDep, Viewer
 from chathub.handlers.schemas import Out, Page, StrictBody, errors
+from chathub.server.state import AppState
 from chathub.storage.models import ApiKey, Member
 from chathub.storage.repositories import audit
 from chathub.storage.repositories import teams as repo
@@ -112,6 +113,12 @@ def _key_view(key: ApiKey) -> dict[str, str]:
     return {"name": key.name, "role": key.role, "prefix": key.prefix, "member_id": key.member_id}
 
 
+def _announce(background: BackgroundTasks, state: AppState, team_id: str) -> None:
+    """Once the route's transaction has committed (background tasks run after
+    the response), every instance re-checks the team's open sockets."""
+    background.add_task(state.credentials.changed, team_id)
+
+
 # ---- members -------------------------------------------------------------------------
 
 
@@ -160,16 +167,26 @@ async def get_member(member_id: str, principal: Viewer, db: SessionDep) -> Membe
 
 @router.patch("/members/{member_id}", responses=errors(403, 404, 409))
 async def patch_member(
-    member_id: str, body: MemberPatch, principal: AdminUser, db: SessionDep
+    member_id: str,
+    body: MemberPatch,
+    principal: AdminUser,
+    db: SessionDep,
+    state: StateDep,
+    background: BackgroundTasks,
 ) -> MemberOut:
-    """Rename a member or change their role. Demoting the last owner is ``409``."""
-    member = await repo.get_member(db, team_id=principal.team_id, member_id=member_id)
+    """Rename a member or change their role. Demoting the last owner is ``409``.
+    Open sockets of a demoted member act with the new role from their next frame."""
+    member = await repo.get_member(
+        db, team_id=principal.team_id, member_id=member_id, for_update=True
+    )
     _may_act_on(member, principal, "change")
     if body.role is not None:
         _may_grant(body.role, principal)
     before = _member_view(member)
     member = await repo.update_member(db, member, name=body.name, role=body.role)
     after = _member_view(member)
+    if after["role"] != before["role"]:
+        _announce(background, state, principal.team_id)
     if after != before:
         await audit.record(
             db,
@@ -187,9 +204,18 @@ async def patch_member(
 
 
 @router.delete("/members/{member_id}", status_code=204, responses=errors(403, 404, 409))
-async def remove_member(member_id: str, principal: AdminUser, db: SessionDep) -> Response:
-    """Remove a member and their API keys. Removing the last owner is ``409``."""
-    member = await repo.get_member(db, team_id=principal.team_id, member_id=member_id)
+async def remove_member(
+    member_id: str,
+    principal: AdminUser,
+    db: SessionDep,
+    state: StateDep,
+    background: BackgroundTasks,
+) -> Response:
+    """Remove a member and their API keys. Removing the last owner is ``409``.
+    Their open sockets are closed (4401)."""
+    member = await repo.get_member(
+        db, team_id=principal.team_id, member_id=member_id, for_update=True
+    )
     _may_act_on(member, principal, "remove")
     removed = {"id": member.id, **_member_view(member)}
     await repo.remove_member(db, member)
@@ -202,6 +228,7 @@ async def remove_member(member_id: str, principal: AdminUser, db: SessionDep) ->
         target_id=removed["id"],
         data={k: v for k, v in removed.items() if k != "id"},
     )
+    _announce(background, state, principal.team_id)
     return Response(status_code=204)
 
 
@@ -225,8 +252,13 @@ async def create_api_key(
     body: ApiKeyCreate, principal: AdminUser, db: SessionDep
 ) -> CreatedApiKeyOut:
     """A new key; ``api_key`` in this response is the only time the secret is shown."""
+    # Locked until the key is committed: a demotion of the member waits, and
+    # then lowers this key with their others.
     member = await repo.get_member(
-        db, team_id=principal.team_id, member_id=body.member_id or principal.member_id
+        db,
+        team_id=principal.team_id,
+        member_id=body.member_id or principal.member_id,
+        for_update=True,
     )
     _may_act_on(member, principal, "create keys for")
     if body.role is None:
@@ -253,9 +285,16 @@ async def create_api_key(
 
 
 @router.delete("/api-keys/{key_id}", status_code=204, responses=errors(403, 404))
-async def revoke_api_key(key_id: str, principal: AdminUser, db: SessionDep) -> Response:
-    """Revoke a key: from now on it is refused everywhere, ``/auth/token`` included.
-    A key already revoked is ``404``."""
+async def revoke_api_key(
+    key_id: str,
+    principal: AdminUser,
+    db: SessionDep,
+    state: StateDep,
+    background: BackgroundTasks,
+) -> Response:
+    """Revoke a key: from now on it is refused everywhere, ``/auth/token``
+    included, and the sockets open with it (or with a token issued for it)
+    are closed (4401). A key already revoked is ``404``."""
     key = await repo.get_api_key(db, team_id=principal.team_id, key_id=key_id)
     owner = await repo.get_member(db, team_id=principal.team_id, member_id=key.member_id)
     _may_act_on(owner, principal, "revoke keys of")
@@ -269,4 +308,5 @@ async def revoke_api_key(key_id: str, principal: AdminUser, db: SessionDep) -> R
         target_id=key.id,
         data=_key_view(key),
     )
+    _announce(background, state, principal.team_id)
     return Response(status_code=204)

@@ -90,6 +90,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     try:
         await _greet(state, conn, auth_id)  # the first frame, before the hub sends any
         hub.register(conn)
+        state.credentials.watch(conn)
         await _serve(websocket, state, conn)
     except WebSocketDisconnect:
         pass
@@ -97,6 +98,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         log.exception("socket %s crashed", conn.id)
         conn.close_soon(CLOSE_INTERNAL, "internal error")
     finally:
+        state.credentials.forget(conn)
         hub.unregister(conn)
         await conn.drain_and_stop(0)
 
@@ -144,7 +146,7 @@ async def _welcome(state: AppState, conn: Connection) -> dict[str, Any]:
     p = conn.principal
     async with state.sessionmaker() as db:
         member = await teams.get_member(db, team_id=p.team_id, member_id=p.member_id)
-    return {
+    welcome = {
         "type": "welcome",
         "connection_id": conn.id,
         "user": {"id": member.id, "email": member.email, "name": member.name, "role": p.role},
@@ -152,6 +154,15 @@ async def _welcome(state: AppState, conn: Connection) -> dict[str, Any]:
         "protocol": PROTOCOL_VERSION,
         "heartbeat_s": state.settings.ws_heartbeat_s,
     }
+    return welcome | _expiry(p)
+
+
+def _expiry(principal: Principal) -> dict[str, int]:
+    """``expires_at`` (Unix seconds) for a credential that expires (a JWT):
+    send a fresh ``auth`` frame before then, or the socket closes with 4401."""
+    if principal.expires_at is None:
+        return {}
+    return {"expires_at": int(principal.expires_at)}
 
 
 async def _serve(websocket: WebSocket, state: AppState, conn: Connection) -> None:
@@ -168,7 +179,7 @@ async def _serve(websocket: WebSocket, state: AppState, conn: Connection) -> Non
 async def _read_frames(websocket: WebSocket, state: AppState, conn: Connection) -> None:
     # One call per frame: what a frame brought and answered dies with its
     # call, so an idle socket holds nothing of its last frame.
-    while not conn.closed and await _read_frame(websocket, state, conn):
+    while await _read_frame(websocket, state, conn):
         pass
 
 
@@ -177,6 +188,11 @@ async def _read_frame(websocket: WebSocket, state: AppState, conn: Connection) -
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
         return False
+    if conn.closed:
+        # We are closing it (maybe from within a frame's answer): frames the
+        # peer sent meanwhile get no answer; read on until its close arrives,
+        # or until the close gives up and stops this reader.
+        return True
     metrics.FRAMES_IN.inc()
     text = message.get("text")
     if text is None:
@@ -217,11 +233,15 @@ async def _read_frame(websocket: WebSocket, state: AppState, conn: Connection) -
 
 async def _handle(state: AppState, conn: Connection, frame: Any) -> list[dict[str, Any] | str]:
     """The frames that answer ``frame``: the direct answer first."""
-    p = conn.principal
     if isinstance(frame, PingFrame):
         return [{"type": "pong"}]
     if isinstance(frame, AuthFrame):
-        raise BadRequest("already authenticated")
+        # A fresh token for the same member, before the socket's expires.
+        principal = await state.credentials.refresh(conn, frame.token)
+        return [{"type": "ack", "role": principal.role, **_expiry(principal)}]
+    if not isinstance(frame, LeaveFrame | UnsubscribeFrame):
+        await state.credentials.check(conn)
+    p = conn.principal
     if isinstance(frame, JoinFrame):
         async with state.sessionmaker() as db:
             chat = await sessions_repo.get_session(

@@ -18,6 +18,7 @@ from chathub.config import Settings
 from chathub.llm.factory import create_provider
 from chathub.server import problems
 from chathub.server.bus import create_bus
+from chathub.server.credentials import SocketCredentials
 from chathub.server.dashboards import Dashboards
 from chathub.server.extraction import Extractor
 from chathub.server.head import HeadAsGet
@@ -145,6 +146,9 @@ def create_app(
             ),
             dashboards=dashboards,
             extractor=extractor,
+            credentials=SocketCredentials(
+                sessionmaker=sessionmaker, bus=bus, hub=hub, tokens=tokens
+            ),
         )
         app.state.chathub = state
         reaper = ReplyReaper(
@@ -180,6 +184,7 @@ def create_app(
             await state.replies.summarizer.close()
             await extractor.close()
             await hub.close()
+            state.credentials.close()
             state.dashboards.close()
             await session_log.close()
             await bus.close()

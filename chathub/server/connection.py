@@ -120,10 +120,12 @@ class Connection:
         "_stopped",
         "_waiter",
         "_writer",
+        "checked_at",
         "close_code",
         "closed",
         "dashboard",
         "dashboard_held",
+        "expiry",
         "finished",
         "id",
         "max_queue",
@@ -143,6 +145,11 @@ class Connection:
         self.websocket = websocket
         self.id = connection_id
         self.principal = principal
+        self.checked_at = 0.0
+        """When (monotonic) the credentials were last checked; see
+        :mod:`chathub.server.credentials`."""
+        self.expiry: asyncio.TimerHandle | None = None
+        """The timer that closes the socket when its token expires."""
         self.max_queue = max_queue
         self.sessions: dict[str, SessionCursor] = {}
         self.dashboard = False

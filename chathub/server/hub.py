@@ -25,6 +25,7 @@ class Hub:
         self.log = session_log
         self.connections: dict[str, Connection] = {}
         self._by_session: defaultdict[str, set[Connection]] = defaultdict(set)
+        self._by_team: defaultdict[str, set[Connection]] = defaultdict(set)
         self._by_team_dashboard: defaultdict[str, set[Connection]] = defaultdict(set)
         self._tasks: set[asyncio.Task[None]] = set()
         session_log.add_listener(self.on_event)
@@ -33,15 +34,25 @@ class Hub:
 
     def register(self, conn: Connection) -> None:
         self.connections[conn.id] = conn
+        self._by_team[conn.principal.team_id].add(conn)
         metrics.OPEN_SOCKETS.inc()
 
     def unregister(self, conn: Connection) -> None:
         if self.connections.pop(conn.id, None) is None:
             return
         metrics.OPEN_SOCKETS.dec()
+        team = self._by_team.get(conn.principal.team_id)
+        if team is not None:
+            team.discard(conn)
+            if not team:
+                del self._by_team[conn.principal.team_id]
         for session_id in list(conn.sessions):
             self.leave(conn, session_id)
         self.unsubscribe_dashboard(conn)
+
+    def team_connections(self, team_id: str) -> list[Connection]:
+        """The registered sockets of ``team_id``."""
+        return list(self._by_team.get(team_id, ()))
 
     # -- sessions ----------------------------------------------------------
 

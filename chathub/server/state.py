@@ -10,6 +10,7 @@ from chathub.auth import TokenCodec
 from chathub.config import Settings
 from chathub.llm.base import LLMProvider
 from chathub.server.bus import Bus
+from chathub.server.credentials import SocketCredentials
 from chathub.server.dashboards import Dashboards
 from chathub.server.extraction import Extractor
 from chathub.server.hub import Hub
@@ -32,3 +33,4 @@ class AppState:
     replies: Replies
     dashboards: Dashboards
     extractor: Extractor
+    credentials: SocketCredentials

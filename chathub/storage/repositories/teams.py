@@ -96,12 +96,18 @@ async def add_member(
     return member
 
 
-async def get_member(session: AsyncSession, *, team_id: str, member_id: str) -> Member:
-    member = await session.scalar(
-        select(Member).where(
-            Member.id == member_id, Member.team_id == team_id, Member.deleted_at.is_(None)
-        )
+async def get_member(
+    session: AsyncSession, *, team_id: str, member_id: str, for_update: bool = False
+) -> Member:
+    """The live member; ``for_update`` locks their row until the transaction
+    ends (PostgreSQL), so that changes of their role and of their keys are
+    made one after the other."""
+    query = select(Member).where(
+        Member.id == member_id, Member.team_id == team_id, Member.deleted_at.is_(None)
     )
+    if for_update:
+        query = query.with_for_update()
+    member = await session.scalar(query)
     if member is None:
         raise NotFound("member not found")
     return member
