@@ -11,12 +11,14 @@ from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response, StreamingResponse
 
+from chathub.auth import Principal
 from chathub.errors import BadRequest
 from chathub.handlers.deps import MemberUser, PageDep, SessionDep, StateDep, Viewer
 from chathub.handlers.schemas import Page, StrictBody, errors
 from chathub.ids import new_id
 from chathub.server.connection import Connection
 from chathub.server.state import AppState
+from chathub.storage.models import Message
 from chathub.storage.repositories import audit
 from chathub.storage.repositories import modes as modes_repo
 from chathub.storage.repositories import sessions as repo
@@ -132,10 +134,14 @@ async def list_messages(
         cursor=page.cursor,
         role=role,
     )
-    items = [MessageOut.model_validate(m) for m in result.items]
-    if not principal.has_role("admin"):
-        items = [m.model_copy(update={"trace": None}) for m in items]
+    items = [message_view(m, principal) for m in result.items]
     return Page(items=items, next_cursor=result.next_cursor)
+
+
+def message_view(row: Message, principal: Principal) -> MessageOut:
+    """A message as ``principal`` may see it: ``trace`` is for admins."""
+    out = MessageOut.model_validate(row)
+    return out if principal.has_role("admin") else out.model_copy(update={"trace": None})
 
 
 class MessageCreate(StrictBody):
@@ -205,8 +211,8 @@ async def post_message(
         )
         reply = await repo.reply_for(db, user_message_id=message.id)
         turn = TurnOut(
-            message=MessageOut.model_validate(message),
-            reply=MessageOut.model_validate(reply) if reply else None,
+            message=message_view(message, principal),
+            reply=message_view(reply, principal) if reply else None,
             duplicate=result.duplicate,
         )
     return Response(

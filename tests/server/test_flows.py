@@ -44,3 +44,23 @@ async def test_plan_mode_runs_its_flow_and_keeps_a_trace(
         await client.get(f"/chat/sessions/{sid}/messages", headers=member.headers)
     ).json()
     assert all(m["trace"] is None for m in seen_by_member["items"])
+
+
+async def test_the_finished_turn_over_rest_keeps_the_trace_for_admins(
+    client: httpx.AsyncClient, team: TeamFixture
+) -> None:
+    """``POST …/messages`` answered as JSON (and its retry) shows the trace
+    as the history does: to admins only."""
+    member = await team.actor("member")
+    h = member.headers
+    sid = (await client.post("/chat/sessions", json={"mode": "plan"}, headers=h)).json()["id"]
+    body = {"content": "Launch the beta by Friday; Ana owns QA.", "client_msg_id": "p1"}
+    first = await client.post(f"/chat/sessions/{sid}/messages", json=body, headers=h)
+    retry = await client.post(f"/chat/sessions/{sid}/messages", json=body, headers=h)
+    assert (first.status_code, retry.status_code) == (201, 200)
+    for turn in (first.json(), retry.json()):
+        assert turn["reply"]["content"] and turn["reply"]["trace"] is None
+    as_owner = await client.post(
+        f"/chat/sessions/{sid}/messages", json=body, headers=team.owner.headers
+    )
+    assert as_owner.json()["reply"]["trace"]["steps"][0]["step"] == "frame"
