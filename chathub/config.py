@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_JWT_SECRET = "change-me"
+MIN_JWT_SECRET_BYTES = 32
 
 
 class ConfigError(RuntimeError):
@@ -116,11 +117,14 @@ class Settings(BaseSettings):
     def jwt_signing_secret(self) -> str:
         """The HS256 secret. On the embedded default a random one is kept in
         ``data_dir``; anywhere else a missing or default secret is refused."""
-        if self.jwt_secret is not None and self.jwt_secret.get_secret_value() not in (
-            "",
-            DEFAULT_JWT_SECRET,
-        ):
-            return self.jwt_secret.get_secret_value()
+        secret = self.jwt_secret.get_secret_value() if self.jwt_secret is not None else ""
+        if secret not in ("", DEFAULT_JWT_SECRET):
+            if len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+                # RFC 7518 3.2: an HS256 key at least as long as the hash.
+                raise ConfigError(
+                    f"CHATHUB_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long"
+                )
+            return secret
         if not self.embedded:
             raise ConfigError(
                 "CHATHUB_JWT_SECRET must be set to a strong random value "

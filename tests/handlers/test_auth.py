@@ -377,7 +377,7 @@ def test_rs256_without_key_files_is_a_config_error(tmp_path: Path) -> None:
 # ---- refusing to run a shared database on a default secret ---------------------------
 
 
-@pytest.mark.parametrize("secret", [None, "change-me", ""])
+@pytest.mark.parametrize("secret", [None, "change-me", "", "x" * 31])
 def test_postgres_without_a_real_secret_is_a_config_error(
     tmp_path: Path, secret: str | None
 ) -> None:
