@@ -1,6 +1,7 @@
 """What is said about an uploaded file, from untrusted input: its display
 name, its content type (sniffed from its first bytes), the ``content_type``
-list filter, and the name it is downloaded under. Pure functions, no I/O."""
+list filter, the ids it is filed under as a client types them, and the name
+it is downloaded under. Pure functions, no I/O."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from urllib.parse import quote
 import filetype
 
 from chathub.errors import BadRequest
+from chathub.storage.repositories.files import is_text_type
 
 MAX_NAME_CHARS = 255
 DEFAULT_NAME = "upload"
@@ -54,22 +56,38 @@ def normalize_mime(value: str | None) -> str | None:
     return mime if len(mime) <= MAX_MIME_CHARS and _MIME.match(mime) else None
 
 
+def canonical_id(value: str) -> str:
+    """An id as it is stored: ids are UUID strings in lower case
+    (``chathub.ids``), so the same id in upper case, or with spaces around
+    it, names the same row."""
+    return value.strip().lower()
+
+
 def sniff_content_type(head: bytes, *, declared: str | None, truncated: bool) -> str:
     """The stored type of a file whose first bytes are ``head``
-    (``truncated``: the file goes on past them)."""
+    (``truncated``: the file goes on past them).
+
+    A declared text type holds only for bytes that are text: files of a
+    text type are given to the model as they are (``server.replies``)."""
     kind = filetype.guess(head) if head else None
     if kind is not None:
         return str(kind.mime)
-    if declared is not None and declared != OCTET_STREAM:
+    text = _is_text(head, truncated=truncated)
+    if declared not in (None, OCTET_STREAM) and (text or not is_text_type(declared)):
         return declared
-    if b"\x00" not in head:
-        try:
-            # A cut-off head may end inside a multi-byte character.
-            codecs.getincrementaldecoder("utf-8")().decode(head, final=not truncated)
-        except UnicodeDecodeError:
-            return OCTET_STREAM
-        return "text/plain"
-    return OCTET_STREAM
+    return "text/plain" if text else OCTET_STREAM
+
+
+def _is_text(head: bytes, *, truncated: bool) -> bool:
+    """Whether ``head`` is UTF-8 without NUL bytes."""
+    if b"\x00" in head:
+        return False
+    try:
+        # A cut-off head may end inside a multi-byte character.
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=not truncated)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def content_disposition(name: str) -> str:

@@ -7,32 +7,45 @@ Where the contract is silent:
   ``session_id`` (at most one, a session id of the caller's team), in either
   order; any other part is a 400. A ``file`` part without a filename gets
   the name ``upload``. An empty file (size 0) is a valid file.
+- An empty ``session_id`` part (HTML forms send their empty inputs) is no
+  session. A session id, here and in the list filter, is read in any case.
 - ``content_type`` is sniffed from the first bytes (``filetype``); when that
   finds nothing, the declared part type is used, unless it is missing or
-  ``application/octet-stream``, which say nothing; then ``text/plain`` when
-  the bytes are UTF-8 without NUL bytes, else ``application/octet-stream``.
-  The declared type (without parameters) is kept as
-  ``declared_content_type``.
+  ``application/octet-stream``, which say nothing, or it is a text type and
+  the bytes are not text; then ``text/plain`` when the bytes are UTF-8
+  without NUL bytes, else ``application/octet-stream``. The declared type
+  (without parameters) is kept as ``declared_content_type``.
 - The list filter ``content_type`` is an exact type (``image/png``), or a
   top-level type ending in ``/`` or ``/*`` (``image/``, ``image/*``), which
   matches by prefix. ``session_id`` of an unknown session lists nothing.
+- ``Last-Modified`` of the content is the file's ``created_at``: the bytes
+  are shared with every file of any team that has the same ones, so
+  nothing about them (such as when they were first stored) may show.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
-from typing import Annotated
+from email.utils import formatdate
+from typing import Annotated, BinaryIO
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette import responses as starlette
 from starlette.responses import FileResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from chathub.auth import Principal
 from chathub.errors import BadRequest, Forbidden, NotFound, RangeNotSatisfiable
 from chathub.handlers.deps import PageDep, SessionDep, StateDep, Viewer, authenticate, bearer_token
 from chathub.handlers.file_meta import (
     OCTET_STREAM,
+    canonical_id,
     content_disposition,
     content_type_filter,
     sniff_content_type,
@@ -42,6 +55,7 @@ from chathub.handlers.upload_form import receive_upload
 from chathub.server.multipart import MultipartStream
 from chathub.server.state import AppState
 from chathub.storage.db import transaction
+from chathub.storage.locks import advisory_xact_lock
 from chathub.storage.repositories import audit
 from chathub.storage.repositories import files as repo
 from chathub.storage.repositories import sessions as sessions_repo
@@ -126,7 +140,7 @@ async def upload_file(
             declared=upload.declared_content_type,
             truncated=info.size > len(info.head),
         )
-        # The lock spans the rename and the commit of the row that references
+        # The locks span the rename and the commit of the row that references
         # the blob; see BlobStore.reference_lock and _collect_blob.
         async with (
             state.blobs.reference_lock(info.sha256),
@@ -163,6 +177,7 @@ async def upload_file(
                 },
             )
             await db.flush()
+            await _lock_blob(db, info.sha256)
             # Last, so that nothing before it can fail after the blob is in
             # place. If the commit itself fails, the blob may stay on disk
             # without a row: wasted space, never a row without its bytes.
@@ -194,7 +209,7 @@ async def list_files(
         cursor=page.cursor,
         content_type=exact,
         content_type_prefix=prefix,
-        session_id=session_id,
+        session_id=canonical_id(session_id) if session_id is not None else None,
         q=q,
     )
     return Page(
@@ -209,9 +224,36 @@ async def get_file(file_id: str, principal: Viewer, db: SessionDep) -> FileOut:
 
 
 class BlobResponse(FileResponse):
-    """Starlette's file response (ranges included), whose refusals of a
-    ``Range`` header are our errors, rendered as problem+json like every
-    other, rather than its plain-text ones."""
+    """Starlette's file response (``Range``, ``If-Range``, ``HEAD``) over a
+    blob the handler has already opened, whose refusals of a ``Range`` header
+    are our errors, rendered as problem+json like every other, rather than
+    its plain-text ones.
+
+    Starlette opens its file by path only after it has sent the status line
+    and headers, so a blob removed in between (the last file with those bytes
+    deleted) would turn a 200 into a broken connection. An open file keeps
+    its bytes however the blob is unlinked: the download is either the
+    handler's 404 or whole. The file is closed once the response is sent,
+    refused or abandoned."""
+
+    def __init__(self, blob: BinaryIO, *, headers: Mapping[str, str]) -> None:
+        super().__init__(blob.name, headers=headers, stat_result=os.fstat(blob.fileno()))
+        self._blob = blob
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Synchronous: it must happen even while the task is cancelled.
+            self._blob.close()
+
+    @contextlib.asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+        yield anyio.AsyncFile(self._blob)
+
+    async def _handle_simple(self, send: Send, send_header_only: bool, send_pathsend: bool) -> None:
+        # With ``http.response.pathsend`` the server would open the path.
+        await super()._handle_simple(send, send_header_only, send_pathsend=False)
 
     @classmethod
     def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
@@ -233,6 +275,7 @@ def _etag_matches(if_none_match: str, etag: str) -> bool:
 @router.get(
     "/{file_id}/content",
     response_class=BlobResponse,
+    status_code=200,  # BlobResponse's own signature names none
     responses={
         200: {"description": "The bytes", "content": {OCTET_STREAM: {}}},
         206: {"description": "The bytes of the `Range` asked for"},
@@ -247,18 +290,22 @@ async def get_content(
     state: StateDep,
     if_none_match: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
-    """The file's bytes, streamed, as an attachment. The ETag is the sha256;
-    ``Range`` requests are served."""
+    """The file's bytes, streamed, as an attachment. The ETag is the sha256,
+    ``Last-Modified`` the file's creation; ``Range`` requests are served."""
     row = await repo.get_file(db, team_id=principal.team_id, file_id=file_id)
     etag = f'"{row.sha256}"'
     headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
     if if_none_match and _etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
-    stat = await state.blobs.stat(row.sha256)
-    if stat is None:
+    try:
+        blob = await state.blobs.open(row.sha256)
+    except FileNotFoundError:
         log.error("file %s: blob %s is missing from the store", row.id, row.sha256)
-        raise NotFound("the file's content is missing")
+        raise NotFound("the file's content is missing") from None
     headers |= {
+        # The file's own date, not the shared blob's (see the module
+        # docstring); If-Range by date compares with this one.
+        "Last-Modified": formatdate(row.created_at.timestamp(), usegmt=True),
         # Set here rather than as media_type, which would add a charset to
         # text types that we do not know.
         "Content-Type": row.content_type,
@@ -267,7 +314,7 @@ async def get_content(
         # Uploaded HTML or SVG opened directly must not run as our origin.
         "Content-Security-Policy": "default-src 'none'; sandbox",
     }
-    return BlobResponse(state.blobs.path(row.sha256), headers=headers, stat_result=stat)
+    return BlobResponse(blob, headers=headers)
 
 
 @router.delete("/{file_id}", status_code=204, responses=errors(403, 404))
@@ -296,16 +343,27 @@ async def _collect_blob(state: AppState, sha256: str) -> None:
     Uploads deduplicate by content across all teams, so other rows, of this
     team or any other, may share these bytes: the blob goes only with the
     last of them. The check runs after the delete has committed and, with
-    the unlink, under the reference lock that uploads hold across their
-    rename and commit, so a concurrent upload of the same bytes either is
-    seen by the check or finds the blob gone and stores its own copy.
-    A failure here leaves an unreferenced blob (wasted space), which is why
-    it is logged and not reported: the delete itself has succeeded."""
+    the unlink, under the locks that uploads hold across their rename and
+    commit (``_lock_blob`` in one transaction, so across processes), so a
+    concurrent upload of the same bytes either is seen by the check or finds
+    the blob gone and stores its own copy. A failure here leaves an
+    unreferenced blob (wasted space), which is why it is logged and not
+    reported: the delete itself has succeeded."""
     try:
-        async with state.blobs.reference_lock(sha256):
-            async with transaction(state.sessionmaker) as db:
-                referenced = await repo.blob_is_referenced(db, sha256=sha256)
-            if not referenced:
+        async with (
+            state.blobs.reference_lock(sha256),
+            transaction(state.sessionmaker) as db,
+        ):
+            await _lock_blob(db, sha256)
+            if not await repo.blob_is_referenced(db, sha256=sha256):
                 await state.blobs.delete(sha256)
     except Exception:
         log.exception("could not collect blob %s", sha256)
+
+
+async def _lock_blob(db: AsyncSession, sha256: str) -> None:
+    """Hold, until ``db``'s transaction ends, the lock of the blob ``sha256``
+    that every server process sharing the database and the blob store takes
+    to add a reference to it (rename and commit) or to remove it (check and
+    unlink)."""
+    await advisory_xact_lock(db, f"chathub:blob:{sha256}")

@@ -1,6 +1,7 @@
 """The form of ``POST /files``, read as it streams: exactly one ``file``
-part, staged to the blob store, and at most one ``session_id``; any other
-part is a 400. On any error nothing staged is left behind."""
+part, staged to the blob store, and at most one ``session_id`` (empty: no
+session); any other part is a 400. On any error nothing staged is left
+behind."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from starlette.requests import ClientDisconnect
 
 from chathub.errors import BadRequest, ChathubError
-from chathub.handlers.file_meta import normalize_mime, sanitize_name
+from chathub.handlers.file_meta import canonical_id, normalize_mime, sanitize_name
 from chathub.server.multipart import FormPart, MultipartStream
 from chathub.storage.blobs import BlobStore, StagedBlob
 
@@ -30,8 +31,12 @@ class Upload:
     session_id: str | None
 
 
-def _session_id_field(raw: bytes) -> str:
-    value = raw.decode("utf-8", "replace").strip().lower()
+def _session_id_field(raw: bytes) -> str | None:
+    """The session id, or None for an empty field: HTML forms send their
+    empty inputs."""
+    value = canonical_id(raw.decode("utf-8", "replace"))
+    if not value:
+        return None
     if not _UUID.match(value):
         raise BadRequest("session_id must be a session id")
     return value

@@ -11,9 +11,10 @@ Guarantees:
 - A failed write (too large, an error of the source, cancellation) leaves no
   temp file behind and never a partial blob.
 - File I/O runs in worker threads, in chunks of ``WRITE_CHUNK`` bytes.
-- ``reference_lock`` serialises, within one process, "add a reference to a
-  blob" against "remove a blob nobody references"; callers hold it across the
-  database commit that adds or checks the reference.
+- "Add a reference to a blob" and "remove a blob nobody references" run one
+  after the other: within a process under ``reference_lock``, across the
+  processes that share the store under a database lock that callers take in
+  the transaction adding or checking the reference (see ``reference_lock``).
 """
 
 from __future__ import annotations
@@ -257,9 +258,12 @@ class BlobStore:
         Without it, a delete could see no live reference, an upload of the
         same bytes could then find the blob present and drop its own copy, and
         the delete would remove the blob that upload now points to. The lock
-        is per process; several server processes sharing one volume keep that
-        race, in the few milliseconds between an upload's rename and its
-        commit."""
+        is per process, and its waiters hold no database connection. Across
+        the server processes that share one volume, the same two steps are
+        serialised through the database: callers also take the blob's
+        advisory lock (``chathub.storage.locks``) in the transaction that
+        adds or checks the reference, before the rename or the check, and
+        hold it until that transaction ends."""
         entry = self._locks.setdefault(sha256, _RefLock())
         entry.users += 1
         try:

@@ -8,13 +8,18 @@ import os
 import struct
 import zlib
 from collections.abc import AsyncIterator
+from datetime import datetime
+from email.utils import formatdate
 from pathlib import Path
 from urllib.parse import unquote
 
 import httpx
 import pytest
 from sqlalchemy import select
+from starlette.types import Message, Receive, Scope, Send
 
+from chathub.server.app import create_app
+from chathub.server.ws_protocol import uvicorn_settings
 from chathub.storage.models import AuditEvent
 from tests import harness
 from tests.harness import RunningServer, TeamFixture, http_client, make_team, start_server
@@ -114,6 +119,12 @@ async def test_utf8_text_round_trip(client: httpx.AsyncClient, team: TeamFixture
         (b"plain words", "text/" + "x" * 250, "text/plain"),
         # Sniffing beats a wrong declaration.
         (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "text/plain", "application/pdf"),
+        # A declared text type holds only for text.
+        (b"\x00\x01\x02\x03 binary declared as text", "text/plain", "application/octet-stream"),
+        (b"caf\xe9 in latin-1", "text/csv", "application/octet-stream"),
+        (b"\x00\x01{}", "application/json", "application/octet-stream"),
+        (b'{"a": 1}', "application/json", "application/json"),
+        (b"\x00\x01\x02\x03 opaque", "application/x-custom", "application/x-custom"),
     ],
 )
 async def test_content_type_choice(
@@ -130,6 +141,17 @@ async def test_content_type_choice(
     assert r.json()["size"] == len(data)
     content = await client.get(f"/files/{r.json()['id']}/content", headers=h)
     assert content.content == data
+
+
+async def test_binary_declared_as_text_is_not_listed_as_text(
+    client: httpx.AsyncClient, team: TeamFixture
+) -> None:
+    h = team.owner.headers
+    r = await upload(client, h, b"\x00\x01\x02\x03" * 16, name="a.txt", content_type="text/plain")
+    assert r.status_code == 201, r.text
+    assert r.json()["content_type"] == "application/octet-stream"
+    assert r.json()["declared_content_type"] == "text/plain"  # the claim, as made
+    assert await listed(client, h, content_type="text/") == []
 
 
 async def test_same_bytes_twice_make_two_files_and_one_blob(
@@ -256,6 +278,28 @@ async def test_session_id_may_come_after_the_file(
     assert r.json()["session_id"] == sid and r.json()["name"] == "late.txt"
 
 
+async def test_an_empty_session_id_field_is_no_session(
+    client: httpx.AsyncClient, team: TeamFixture
+) -> None:
+    # As an HTML form sends an optional input left empty.
+    body = multipart([("session_id", None, b""), ("file", "a.txt", b"no session")])
+    r = await client.post("/files", content=body, headers=team.owner.headers | MULTIPART)
+    assert r.status_code == 201, r.text
+    assert r.json()["session_id"] is None
+
+
+async def test_a_session_id_in_upper_case_is_the_same_session(
+    client: httpx.AsyncClient, team: TeamFixture
+) -> None:
+    h = team.owner.headers
+    sid = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
+    r = await upload(client, h, b"attached", name="upper.txt", session_id=sid.upper())
+    assert r.status_code == 201, r.text
+    assert r.json()["session_id"] == sid
+    assert await listed(client, h, session_id=sid.upper()) == ["upper.txt"]
+    assert await listed(client, h, session_id=sid) == ["upper.txt"]
+
+
 async def test_pagination_newest_first_without_gaps(
     client: httpx.AsyncClient, team: TeamFixture
 ) -> None:
@@ -360,11 +404,6 @@ MULTIPART = {"content-type": "multipart/form-data; boundary=xyz"}
             multipart([("file", "a.txt", b"hi"), ("session_id", None, b"not-an-id")]),
             MULTIPART,
             id="session-id-not-an-id",
-        ),
-        pytest.param(
-            multipart([("session_id", None, b""), ("file", "a.txt", b"hi")]),
-            MULTIPART,
-            id="session-id-empty",
         ),
         pytest.param(
             multipart([("session_id", None, b"x" * 500), ("file", "a.txt", b"hi")]),
@@ -559,6 +598,33 @@ async def test_etag_revalidation_and_ranges(client: httpx.AsyncClient, team: Tea
     assert r.status_code == 206 and r.content == data[10:20]
 
 
+async def test_last_modified_is_the_files_own_date(
+    client: httpx.AsyncClient,
+    team: TeamFixture,
+    other_team: TeamFixture,
+    clean_server: RunningServer,
+) -> None:
+    """The bytes are shared with another team's file, stored (as if) long
+    before: nothing of that shows, If-Range by date included."""
+    long_ago = 946_684_800  # 2000-01-01
+    data = b"the same memo " + os.urandom(16)
+    assert (await upload(client, other_team.owner.headers, data)).status_code == 201
+    (blob,) = blob_copies(clean_server, data)
+    os.utime(blob, (long_ago, long_ago))
+    h = team.owner.headers
+    mine = (await upload(client, h, data)).json()
+    url = f"/files/{mine['id']}/content"
+
+    r = await client.get(url, headers=h)
+    created = datetime.fromisoformat(mine["created_at"]).timestamp()
+    assert r.headers["last-modified"] == formatdate(created, usegmt=True)
+    ranged = h | {"range": "bytes=0-3"}
+    r = await client.get(url, headers=ranged | {"if-range": r.headers["last-modified"]})
+    assert r.status_code == 206 and r.content == data[:4]
+    r = await client.get(url, headers=ranged | {"if-range": formatdate(long_ago, usegmt=True)})
+    assert r.status_code == 200 and r.content == data
+
+
 @pytest.mark.parametrize(
     ("value", "status"),
     [
@@ -601,6 +667,53 @@ async def test_good_ranges_and_head(client: httpx.AsyncClient, team: TeamFixture
     head = await client.head(url, headers=h | {"range": "bytes=10-19"})
     assert head.status_code == 206 and head.content == b""
     assert head.headers["content-range"] == "bytes 10-19/2560"
+
+
+async def test_a_blob_removed_once_the_headers_are_sent_still_downloads_whole(
+    tmp_path: Path,
+) -> None:
+    """The worst moment for a delete of the last file with these bytes: the
+    handler is done and the status line is on its way. A server of its own,
+    whose transport removes the blob right after ``http.response.start``."""
+    settings = harness.test_settings(f"sqlite+aiosqlite:///{tmp_path / 'chathub.db'}", tmp_path)
+    app = create_app(settings)
+    doomed: list[Path] = []
+
+    async def remove_blob_after_start(scope: Scope, receive: Receive, send: Send) -> None:
+        async def sending(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.start" and doomed:
+                doomed.pop().unlink()
+
+        await app(scope, receive, sending if scope["type"] == "http" else send)
+
+    server, task, port = await harness.serve(
+        remove_blob_after_start, lifespan="on", **uvicorn_settings(settings)
+    )
+    running = RunningServer(settings, port, app.state.chathub, server, task)
+    try:
+        h = (await make_team(running.state)).owner.headers
+        async with http_client(running) as client:
+            for extra, status, part in [
+                ({}, 200, slice(None)),
+                ({"range": "bytes=100-199"}, 206, slice(100, 200)),
+                ({"range": "bytes=0-9,-10"}, 206, None),
+            ]:
+                data = os.urandom(300_000)
+                fid = (await upload(client, h, data, name="racy.bin")).json()["id"]
+                doomed[:] = blob_copies(running, data)
+                r = await client.get(f"/files/{fid}/content", headers=h | extra)
+                assert r.status_code == status
+                if part is None:  # multipart/byteranges
+                    assert data[:10] in r.content and data[-10:] in r.content
+                else:
+                    assert r.content == data[part]
+                assert doomed == [], "the blob was not removed"
+                # Later requests find the blob gone: a 404, before any header.
+                r = await client.get(f"/files/{fid}/content", headers=h)
+                assert r.status_code == 404 and r.json()["code"] == "not_found"
+    finally:
+        await running.stop()
 
 
 async def test_size_limit(tmp_path: Path) -> None:

@@ -13,6 +13,13 @@ from chathub.errors import NotFound
 from chathub.storage.models import File, utcnow
 from chathub.storage.pagination import Page, paginate
 
+TEXT_TYPES = ("application/json", "application/xml", "application/x-yaml", "application/yaml")
+"""Content types besides ``text/*`` whose files are text (given to the model)."""
+
+
+def is_text_type(content_type: str) -> bool:
+    return content_type.startswith("text/") or content_type in TEXT_TYPES
+
 
 async def create_file(
     session: AsyncSession,

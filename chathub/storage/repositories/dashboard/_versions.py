@@ -11,20 +11,18 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chathub.errors import PreconditionFailed
+from chathub.storage.locks import advisory_xact_lock
 from chathub.storage.models import Base
 
 MAX_ATTEMPTS = 5
 
 _KEEP: Any = object()
-# Waits for, then holds until commit, the lock named by the team's id.
-_LOCK_TEAM = select(func.pg_advisory_xact_lock(func.hashtextextended(bindparam("key"), 0)))
 VersionRow = TypeVar("VersionRow", bound=Base)
 
 
@@ -35,7 +33,7 @@ async def _insert_version(
     writer already holds its ``unique`` key."""
     dialect = db.get_bind().dialect.name
     if dialect == "postgresql":
-        await db.execute(_LOCK_TEAM, {"key": f"chathub:dashboard:{values['team_id']}"})
+        await advisory_xact_lock(db, f"chathub:dashboard:{values['team_id']}")
         pg = pg_insert(model).values(**values).on_conflict_do_nothing(index_elements=unique)
         return await db.scalar(pg.returning(model))
     if dialect == "sqlite":
