@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Out(BaseModel):
@@ -38,9 +38,26 @@ class MessageOut(Out):
     usage: dict[str, Any] | None
     created_at: datetime
     completed_at: datetime | None
+    file_ids: list[str] = Field(
+        default_factory=list, description="the files attached to this message"
+    )
     trace: dict[str, Any] | None = Field(
         default=None, description="intermediate results of a reasoning flow (admins only)"
     )
+
+    @field_validator("file_ids", mode="before")
+    @classmethod
+    def _stored_ids(cls, value: object) -> list[str]:
+        return stored_file_ids(value) if not isinstance(value, list) else value
+
+
+def stored_file_ids(value: object) -> list[str]:
+    """The file ids as a message row keeps them (``{"ids": [...]}`` or None),
+    from the row or from that value."""
+    stored = getattr(value, "file_ids", value)
+    if isinstance(stored, dict) and isinstance(stored.get("ids"), list):
+        return [str(i) for i in stored["ids"]]
+    return []
 
 
 def message_view(row: object) -> dict[str, Any]:

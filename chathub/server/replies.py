@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -70,11 +71,12 @@ from chathub.server.session_log import SessionLog, append_surely
 from chathub.server.summarizer import HISTORY_LIMIT, SessionSummarizer
 from chathub.storage.blobs import BlobStore
 from chathub.storage.db import transaction
+from chathub.storage.models import File as FileRow
 from chathub.storage.repositories import files as files_repo
 from chathub.storage.repositories import modes as modes_repo
 from chathub.storage.repositories import sessions as repo
 from chathub.storage.repositories import summaries
-from chathub.wire import message_view
+from chathub.wire import message_view, stored_file_ids
 
 log = logging.getLogger("chathub.replies")
 
@@ -102,8 +104,9 @@ class ReplyRun:
     provider: LLMProvider
     history: list[HistoryItem]
     summary: str | None
-    files: list[tuple[str, str]]
-    """Attached text files: (name, sha256), newest first."""
+    files: list[FileExcerpt]
+    """Excerpts of the attached text files, newest first, already through
+    the input guardrail."""
     writer: DeltaWriter | None = None
     end: StreamEnd | None = None
     """The provider's end of stream, with its usage (None: it never came)."""
@@ -227,17 +230,24 @@ class Replies:
             if isinstance(exc, IntegrityError):
                 # The same message, sent at once to another instance, was
                 # stored first: answer as to a resend.
-                duplicate = await self._duplicate(principal, session_id, client_msg_id, content)
+                duplicate = await self._duplicate(
+                    principal, session_id, client_msg_id, content, file_ids
+                )
                 if duplicate is not None:
                     return duplicate
             raise
 
     async def _duplicate(
-        self, principal: Principal, session_id: str, client_msg_id: str, content: str
+        self,
+        principal: Principal,
+        session_id: str,
+        client_msg_id: str,
+        content: str,
+        file_ids: list[str] | None,
     ) -> SendResult | None:
         async with self.sessionmaker() as db:
             await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
-            return await self._stored(db, principal, session_id, client_msg_id, content)
+            return await self._stored(db, principal, session_id, client_msg_id, content, file_ids)
 
     async def _stored(
         self,
@@ -246,17 +256,20 @@ class Replies:
         session_id: str,
         client_msg_id: str,
         content: str,
+        file_ids: list[str] | None,
     ) -> SendResult | None:
         """The result of the first send of ``client_msg_id``, if it was
-        stored; :class:`Conflict` if that send was of another message."""
+        stored; :class:`Conflict` if that send was of another message (other
+        content, or other attached files)."""
         existing = await repo.find_by_client_msg_id(
             db, session_id=session_id, client_msg_id=client_msg_id
         )
         if existing is None:
             return None
-        if existing.content != content and not await self._stored_as(
+        other_content = existing.content != content and not await self._stored_as(
             db, principal, existing.mode, content, existing.content
-        ):
+        )
+        if other_content or set(stored_file_ids(existing)) != set(file_ids or ()):
             raise Conflict("client_msg_id was already used for a different message in this session")
         reply = await repo.reply_for(db, user_message_id=existing.id)
         return SendResult(
@@ -293,7 +306,9 @@ class Replies:
                 db, team_id=principal.team_id, session_id=session_id, client_msg_id=client_msg_id
             )
             if sent is not None:
-                stored = await self._stored(db, principal, session_id, client_msg_id, content)
+                stored = await self._stored(
+                    db, principal, session_id, client_msg_id, content, file_ids
+                )
                 if stored is not None:
                     return stored
             if session_id in self._by_session:
@@ -302,26 +317,21 @@ class Replies:
                 raise TooLarge(
                     f"a message may have at most {self.settings.max_message_chars} characters"
                 )
-            await self._check_rate(principal, content)
             mode = await modes_repo.resolve_mode(
                 db, team_id=principal.team_id, name=mode_name or chat.mode
             )
             if mode is None:
                 raise BadRequest(f"unknown mode {mode_name or chat.mode!r}")
-            verdict = check_input(content, mode_policy(mode))
-            for action, rule in verdict.actions:
-                metrics.GUARDRAIL_ACTIONS.labels(action=action, rule=rule).inc()
-            if verdict.refused:
-                raise Forbidden(
-                    f"the message was refused by the {verdict.reason} guardrail",
-                    rule=verdict.reason,
-                )
-            content = verdict.text  # what is stored and sent: redacted per policy
+            # What is stored and sent: redacted per the mode's policy.
+            content = _checked_input(content, mode, "the message")
+            file_ids = list(dict.fromkeys(file_ids or []))
             attached = [
                 await files_repo.get_file(db, team_id=principal.team_id, file_id=file_id)
-                for file_id in dict.fromkeys(file_ids or [])
+                for file_id in file_ids
             ]
             attached.sort(key=lambda f: f.created_at, reverse=True)  # newest first
+            excerpts = await self._excerpts(attached, mode)
+            await self._check_rate(principal, content, *(e.text for e in excerpts))
             # Ids now, in order (a message sorts before its reply), so that the
             # lease can name the reply before anything is stored.
             message_id, reply_id = new_id(), new_id()
@@ -365,7 +375,7 @@ class Replies:
             provider=self.provider_for(mode),
             history=items,
             summary=summary.text if summary else None,
-            files=[(f.name, f.sha256) for f in attached if _is_text(f.content_type)],
+            files=excerpts,
         )
         self.runs[run.reply_id] = run
         self._by_session[session_id] = run
@@ -374,10 +384,28 @@ class Replies:
         run.task = asyncio.create_task(self._run(run, view), name=f"reply-{run.reply_id}")
         return SendResult(message=view, reply_id=run.reply_id, duplicate=False)
 
-    async def _check_rate(self, principal: Principal, content: str) -> None:
-        """Per-user and per-team limits on messages and on input tokens."""
+    async def _excerpts(self, attached: list[FileRow], mode: Mode) -> list[FileExcerpt]:
+        """The start of each attached text file, as the prompt will hold it,
+        through the mode's input guardrail as the message itself is (a file
+        the guardrail refuses refuses the message)."""
+        excerpts = []
+        for file in attached:
+            if self.blobs is None or not files_repo.is_text_type(file.content_type):
+                continue
+            head = await self.blobs.read_head(file.sha256, FILE_EXCERPT_CHARS * 4)
+            text = _CONTROL.sub("", head.decode("utf-8", errors="ignore"))[:FILE_EXCERPT_CHARS]
+            excerpts.append(
+                FileExcerpt(
+                    file.name, _checked_input(text, mode, f"the attached file {file.name!r}")
+                )
+            )
+        return excerpts
+
+    async def _check_rate(self, principal: Principal, *texts: str) -> None:
+        """Per-user and per-team limits on messages and on input tokens (the
+        message's and its attachments')."""
         s = self.settings
-        tokens = estimate_tokens(content)
+        tokens = sum(estimate_tokens(text) for text in texts)
         checks = [
             (f"msg:u:{principal.member_id}", 1, s.rate_user_messages),
             (f"msg:t:{principal.team_id}", 1, s.rate_team_messages),
@@ -687,16 +715,11 @@ class Replies:
     async def _generate(self, run: ReplyRun) -> None:
         """Run the mode's flow: each structured step in order, its output
         kept in the trace and handed to the next; the last step streams."""
-        excerpts = []
-        if self.blobs is not None:
-            for name, sha256 in run.files:
-                head = await self.blobs.read_head(sha256, FILE_EXCERPT_CHARS * 4)
-                excerpts.append(FileExcerpt(name, head.decode("utf-8", errors="ignore")))
         built = await build_prompt(
             run.mode,
             run.history,
             summary=run.summary,
-            files=excerpts,
+            files=run.files,
             window=provider_window(run.provider),
             count=provider_counter(run.provider),
         )
@@ -810,8 +833,19 @@ def _step_system(run: ReplyRun, step_prompt: str) -> str:
     return "\n\n".join(parts)
 
 
-TEXT_TYPES = ("application/json", "application/xml", "application/x-yaml", "application/yaml")
+# C0 controls other than tab, newline and carriage return: nothing a text
+# excerpt should hand the model.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def _is_text(content_type: str) -> bool:
-    return content_type.startswith("text/") or content_type in TEXT_TYPES
+def _checked_input(text: str, mode: Mode, what: str) -> str:
+    """``text`` through the mode's input guardrail: redacted, or refused
+    (Forbidden, naming ``what`` and the rule)."""
+    verdict = check_input(text, mode_policy(mode))
+    for action, rule in verdict.actions:
+        metrics.GUARDRAIL_ACTIONS.labels(action=action, rule=rule).inc()
+    if verdict.refused:
+        raise Forbidden(
+            f"{what} was refused by the {verdict.reason} guardrail", rule=verdict.reason
+        )
+    return verdict.text

@@ -66,7 +66,7 @@ async def test_one_huge_message_is_cut_to_fit() -> None:
     assert built.request.turns[-1].content.endswith("the end")
 
 
-async def test_summary_and_file_excerpts_come_first_and_files_are_cut() -> None:
+async def test_the_summary_is_in_the_system_part_and_file_excerpts_open_the_users_turn() -> None:
     files = [FileExcerpt("notes.txt", "alpha " * 5000), FileExcerpt("old.txt", "beta")]
     built = await build_prompt(
         CHAT,
@@ -79,8 +79,12 @@ async def test_summary_and_file_excerpts_come_first_and_files_are_cut() -> None:
     system = built.request.system
     assert system.startswith(CHAT.system_prompt)
     assert "We agreed on X." in system
-    assert system.index("notes.txt") < system.index("old.txt")
-    assert "alpha " * 16 in system and "alpha " * 17 not in system
+    # Attached text is the user's data, not the operator's instructions.
+    assert "notes.txt" not in system and "alpha" not in system
+    last = built.request.turns[-1]
+    assert last.role == "user" and last.content.endswith("\n\nand the newest question?")
+    assert last.content.index("notes.txt") < last.content.index("old.txt")
+    assert "alpha " * 16 in last.content and "alpha " * 17 not in last.content
     assert built.dropped == 0
 
 
@@ -90,5 +94,37 @@ async def test_files_are_dropped_before_the_users_turn_is_cut() -> None:
         CHAT, [HistoryItem("user", "short question")], files=files, window=2048
     )
     assert built.input_tokens <= input_budget(CHAT, 2048)
-    assert built.request.turns[-1].content == "short question"
-    assert "f0.txt" in built.request.system and "f4.txt" not in built.request.system
+    last = built.request.turns[-1].content
+    assert last.endswith("\n\nshort question")
+    assert "f0.txt" in last and "f4.txt" not in last
+
+
+async def test_many_large_attachments_keep_the_question_whole_and_as_many_files_as_fit() -> None:
+    """Twenty files of 4,000 characters: the newest that fit are sent, then
+    the history that fits, and the user's question is never cut."""
+    question = "Please compare these reports and list the differences between them. END"
+    history = [*conversation(6)[:-1], HistoryItem("user", question)]
+    files = [FileExcerpt(f"report-{i:02}.txt", f"report {i} " * 400) for i in range(20)]
+    budget = input_budget(CHAT, None)
+    built = await build_prompt(CHAT, history, files=files)
+    assert built.input_tokens <= budget
+    last = built.request.turns[-1].content
+    assert last.endswith("\n\n" + question)
+    sent = [f.name for f in files if f"--- {f.name} (excerpt) ---" in last]
+    assert sent == [f.name for f in files[: len(sent)]]  # the newest, in order
+    assert len(sent) >= 5, sent
+    # what was left out would not have fitted
+    assert built.input_tokens + 1000 > budget
+
+
+async def test_a_denser_counter_drops_several_files_at_once_and_keeps_the_question() -> None:
+    async def dense(request: CompletionRequest) -> int:
+        return 3 * await estimate_counter(request)
+
+    question = "What changed between the drafts? END"
+    files = [FileExcerpt(f"draft-{i}.txt", f"draft {i} " * 400) for i in range(20)]
+    built = await build_prompt(CHAT, [HistoryItem("user", question)], files=files, count=dense)
+    assert built.input_tokens <= input_budget(CHAT, None)
+    last = built.request.turns[-1].content
+    assert last.endswith(question)
+    assert "draft-0.txt" in last
