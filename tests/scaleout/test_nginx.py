@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from tests.scaleout.conftest import (
     FULL_TEXT,
@@ -133,3 +134,21 @@ async def test_sockets_through_nginx_land_anywhere_and_see_the_same_reply(
     assert deltas(first, reply_id) == FULL_TEXT
     (end,) = ends(first, reply_id)
     assert end["type"] == "reply.completed" and end["message"]["content"] == FULL_TEXT
+
+
+async def test_a_same_origin_page_connects_through_nginx_on_its_own_port(
+    proxied: tuple[str, list[Instance]], deployment: Deployment
+) -> None:
+    """With no allow-list, a page served from nginx's own origin (scheme,
+    host and port) may open the socket: nginx hands the replicas the Host
+    the browser sent, port included."""
+    url, _ = proxied
+    ws_url = url.replace("http://", "ws://") + "/ws"
+    client = await WsClient.connect(ws_url, deployment.api_key, origin=url)
+    try:
+        assert client.welcome["type"] == "welcome"
+    finally:
+        await client.close()
+    with pytest.raises(InvalidStatus) as refused:
+        await WsClient.connect(ws_url, deployment.api_key, origin="http://127.0.0.1:1")
+    assert refused.value.response.status_code == 403
