@@ -12,7 +12,7 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_JWT_SECRET = "change-me"
@@ -49,7 +49,7 @@ class Settings(BaseSettings):
 
     max_file_bytes: int = Field(default=25 * 1024 * 1024, ge=1)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     # json: a JSON object per line; text; auto: text on a terminal, else JSON.
     log_format: Literal["auto", "json", "text"] = "auto"
 
@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     # end releases earlier); see chathub.llm.guardrails.holdback.
     guardrail_holdback_chars: int = Field(default=128, ge=16)
     guardrail_holdback_ms: float = Field(default=250.0, gt=0)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     def check_redis(self) -> None:
         """Raise ConfigError for Redis settings that cannot run."""

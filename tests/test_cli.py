@@ -153,3 +153,30 @@ async def test_bad_command_line_exits_non_zero(tmp_path: Path) -> None:
     )  # fmt: skip
     assert code != 0 and "--email" in err
     assert not (tmp_path / "chathub.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "named"),
+    [
+        ("CHATHUB_LLM", "bogus://model", "CHATHUB_LLM='bogus://model'"),
+        (
+            "CHATHUB_LLM_PROVIDERS",
+            '{"cheap": "openai://gpt-4o-mini"}',
+            "CHATHUB_LLM_PROVIDERS['cheap']",
+        ),
+        ("CHATHUB_LLM_PROVIDERS", '{"odd": "scripted://?nope=1"}', "CHATHUB_LLM_PROVIDERS['odd']"),
+        ("CHATHUB_LOG_LEVEL", "loud", "CHATHUB_LOG_LEVEL"),
+    ],
+)
+async def test_serve_refuses_settings_it_cannot_run_before_serving(
+    tmp_path: Path, setting: str, value: str, named: str
+) -> None:
+    """A provider URL it cannot use (also one only a mode names, or one
+    missing its key) or an unknown log level: exit 2 with one line naming
+    the setting, before anything is served or written."""
+    env = {"CHATHUB_DATA_DIR": str(tmp_path), "CHATHUB_LLM": "scripted://", setting: value}
+    clean_keys = {"OPENAI_API_KEY": ""}
+    code, out, err = await run(str(CHATHUB), "serve", "--port", "0", env=env | clean_keys)
+    assert code == 2, (out, err)
+    assert named in err and "Traceback" not in err, err
+    assert not (tmp_path / "chathub.db").exists()

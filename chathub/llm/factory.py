@@ -15,7 +15,7 @@ llama.cpp nor the model weights.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from chathub.config import ConfigError
@@ -53,6 +53,22 @@ def create_provider(url: str, *, n_ctx: int = 4096) -> LLMProvider:
         f"CHATHUB_LLM={url!r}: unknown provider scheme {scheme!r}; "
         f"supported: {', '.join(s + '://' for s in SCHEMES)}"
     )
+
+
+def create_providers(
+    default: str, named: Mapping[str, str]
+) -> tuple[LLMProvider, dict[str, LLMProvider]]:
+    """The default provider (``CHATHUB_LLM``) and the operator's named ones
+    (``CHATHUB_LLM_PROVIDERS``), all made at startup, so that a bad URL or a
+    missing key stops the server with a message naming the setting instead
+    of failing every message of a mode that uses it."""
+    providers = {}
+    for name, url in named.items():
+        try:
+            providers[name] = create_provider(url)
+        except ConfigError as exc:
+            raise ConfigError(f"CHATHUB_LLM_PROVIDERS[{name!r}]: {exc}") from exc
+    return create_provider(default), providers
 
 
 def url_params(url: str, allowed: Collection[str]) -> dict[str, str]:

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chathub import __version__, logs
 from chathub.auth import TokenCodec
 from chathub.config import Settings
-from chathub.llm.factory import create_provider
+from chathub.llm.factory import create_providers
 from chathub.server import problems
 from chathub.server.bus import create_bus
 from chathub.server.credentials import SocketCredentials
@@ -96,6 +96,7 @@ def create_app(
     # Fail fast, before serving, on settings that cannot run.
     tokens = TokenCodec(settings)
     settings.check_redis()
+    provider, named_providers = create_providers(settings.llm, settings.llm_providers)
     run_migrations = settings.embedded if migrate is None else migrate
 
     @asynccontextmanager
@@ -106,7 +107,6 @@ def create_app(
             await upgrade_async(url)
         engine = create_engine(url)
         sessionmaker = create_sessionmaker(engine)
-        provider = create_provider(settings.llm)
         session_log = create_session_log(settings)
         bus = create_bus(settings)
         await bus.start()
@@ -143,6 +143,7 @@ def create_app(
                 blobs=blobs,
                 limiter=limiter,
                 leases=leases,
+                named_providers=named_providers,
             ),
             dashboards=dashboards,
             extractor=extractor,

@@ -57,7 +57,6 @@ from chathub.llm.context import (
     provider_counter,
     provider_window,
 )
-from chathub.llm.factory import create_provider
 from chathub.llm.guardrails import check_input
 from chathub.llm.modes import Mode, mode_policy
 from chathub.llm.retry import call_with_retry, stream_with_retry
@@ -143,6 +142,7 @@ class Replies:
         blobs: BlobStore | None = None,
         limiter: RateLimiter | None = None,
         leases: ReplyLeases | None = None,
+        named_providers: dict[str, LLMProvider] | None = None,
     ) -> None:
         self.settings = settings
         self.leases: ReplyLeases = leases or MemoryReplyLeases()
@@ -154,7 +154,7 @@ class Replies:
         self.log = session_log
         self.bus = bus
         self.provider = provider
-        self._named: dict[str, LLMProvider] = {}
+        self._named = named_providers or {}
         self.runs: dict[str, ReplyRun] = {}
         self._by_session: dict[str, ReplyRun] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -428,10 +428,7 @@ class Replies:
             return self.provider
         named = self._named.get(mode.provider)
         if named is None:
-            url = self.settings.llm_providers.get(mode.provider)
-            if url is None:
-                raise BadRequest(f"mode {mode.name!r} names an unknown provider {mode.provider!r}")
-            named = self._named[mode.provider] = create_provider(url)
+            raise BadRequest(f"mode {mode.name!r} names an unknown provider {mode.provider!r}")
         return named
 
     # -- cancelling --------------------------------------------------------
