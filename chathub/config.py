@@ -94,6 +94,19 @@ class Settings(BaseSettings):
     def _any_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @property
+    def redis_prefix(self) -> str:
+        """The prefix of chathub's Redis keys and pub/sub channels: with
+        ``CHATHUB_REDIS_URL`` on database N (not 0), ``chathub:dbN``. Keys
+        live in their database, but pub/sub channels are one namespace for
+        the whole server: without this, two deployments on one Redis server
+        would read each other's events."""
+        from redis.connection import parse_url
+
+        url = self.redis_url
+        db = int(parse_url(url).get("db") or 0) if url else 0  # type: ignore[no-untyped-call]
+        return f"chathub:db{db}" if db else "chathub"
+
     def check_redis(self) -> None:
         """Raise ConfigError for Redis settings that cannot run."""
         if self.redis_log_shards and not self.redis_url:

@@ -80,5 +80,5 @@ def create_bus(settings: Settings) -> Bus:
     if settings.redis_url:
         from chathub.server.redis_bus import RedisBus
 
-        return RedisBus(settings.redis_url)
+        return RedisBus(settings.redis_url, prefix=settings.redis_prefix)
     return MemoryBus()

@@ -225,6 +225,7 @@ def create_session_log(settings: Settings) -> SessionLog:
             settings.redis_log_shards,
             max_length=settings.session_log_length,
             ttl_s=settings.session_log_ttl_s,
+            prefix=settings.redis_prefix,
         )
     if settings.redis_url:
         from chathub.server.redis_log import RedisSessionLog
@@ -233,6 +234,7 @@ def create_session_log(settings: Settings) -> SessionLog:
             settings.redis_url,
             max_length=settings.session_log_length,
             ttl_s=settings.session_log_ttl_s,
+            prefix=settings.redis_prefix,
         )
     return MemorySessionLog(
         max_length=settings.session_log_length, ttl_s=settings.session_log_ttl_s
