@@ -4,7 +4,9 @@ script, atomic) when several instances must share the limit.
 
 ``limit`` units per ``period_s`` seconds, with bursts up to ``limit``. A call
 costs ``cost`` units; it is refused, with the seconds to wait, when the bucket
-cannot hold it. A refused call costs nothing.
+cannot hold it. A refused call costs nothing. ``charge`` records a cost known
+only afterwards (the tokens a reply used) even past the limit: the bucket
+owes it, and the next calls wait until it is paid back.
 """
 
 from __future__ import annotations
@@ -28,19 +30,22 @@ class Decision:
 class RateLimiter(Protocol):
     async def hit(self, key: str, *, cost: float, limit: float, period_s: float) -> Decision: ...
 
+    async def charge(self, key: str, *, cost: float, limit: float, period_s: float) -> None: ...
+
     async def close(self) -> None: ...
 
 
 def _gcra(
-    tat: float, now: float, cost: float, limit: float, period_s: float
+    tat: float, now: float, cost: float, limit: float, period_s: float, *, force: bool = False
 ) -> tuple[bool, float, float]:
-    """(allowed, new tat, retry after) for one request; pure."""
+    """(allowed, new tat, retry after) for one request; pure. ``force``:
+    take the cost even when it does not fit."""
     interval = period_s / limit  # seconds per unit
     burst = period_s  # the whole limit may be spent at once
     tat = max(tat, now)
     new_tat = tat + cost * interval
     allow_at = new_tat - burst
-    if allow_at <= now:
+    if allow_at <= now or force:
         return True, new_tat, 0.0
     return False, tat, allow_at - now
 
@@ -50,8 +55,16 @@ class MemoryRateLimiter:
         self._tat: dict[str, float] = {}
 
     async def hit(self, key: str, *, cost: float, limit: float, period_s: float) -> Decision:
+        return self._take(key, cost, limit, period_s, force=False)
+
+    async def charge(self, key: str, *, cost: float, limit: float, period_s: float) -> None:
+        self._take(key, cost, limit, period_s, force=True)
+
+    def _take(
+        self, key: str, cost: float, limit: float, period_s: float, *, force: bool
+    ) -> Decision:
         now = time.monotonic()
-        allowed, tat, wait = _gcra(self._tat.get(key, now), now, cost, limit, period_s)
+        allowed, tat, wait = _gcra(self._tat.get(key, now), now, cost, limit, period_s, force=force)
         if allowed:
             self._tat[key] = tat
             if len(self._tat) > 100_000:  # forget buckets that are full again
@@ -68,12 +81,13 @@ local now = tonumber(ARGV[1])
 local cost = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 local period = tonumber(ARGV[4])
+local force = ARGV[5] == '1'
 local interval = period / limit
 local tat = tonumber(redis.call('GET', key) or now)
 if tat < now then tat = now end
 local new_tat = tat + cost * interval
 local allow_at = new_tat - period
-if allow_at <= now then
+if allow_at <= now or force then
   redis.call('SET', key, new_tat, 'PX', math.ceil((new_tat - now) * 1000) + 1000)
   return {1, '0'}
 end
@@ -93,11 +107,18 @@ class RedisRateLimiter:
         self.prefix = prefix
 
     async def hit(self, key: str, *, cost: float, limit: float, period_s: float) -> Decision:
+        return await self._take(key, cost, limit, period_s, force=False)
+
+    async def charge(self, key: str, *, cost: float, limit: float, period_s: float) -> None:
+        await self._take(key, cost, limit, period_s, force=True)
+
+    async def _take(
+        self, key: str, cost: float, limit: float, period_s: float, *, force: bool
+    ) -> Decision:
         seconds, micros = await self._redis.time()
         now = seconds + micros / 1_000_000
-        allowed, wait = await self._script(
-            keys=[self.prefix + key], args=[repr(now), repr(cost), repr(limit), repr(period_s)]
-        )
+        args = [repr(now), repr(cost), repr(limit), repr(period_s), "1" if force else "0"]
+        allowed, wait = await self._script(keys=[self.prefix + key], args=args)
         return Decision(bool(allowed), float(wait))
 
     async def close(self) -> None:

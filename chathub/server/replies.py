@@ -64,7 +64,7 @@ from chathub.server import metrics
 from chathub.server.bus import Bus
 from chathub.server.extraction import Extractor
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
-from chathub.server.ratelimit import MemoryRateLimiter, RateLimiter, retry_after
+from chathub.server.ratelimit import Decision, MemoryRateLimiter, RateLimiter, retry_after
 from chathub.server.reply_stream import DeltaWriter
 from chathub.server.session_log import SessionLog, append_surely
 from chathub.server.summarizer import HISTORY_LIMIT, SessionSummarizer
@@ -80,6 +80,8 @@ from chathub.wire import message_view, stored_file_ids
 log = logging.getLogger("chathub.replies")
 
 CANCEL_CHANNEL = "reply.cancel"
+RATE_PERIOD_S = 60.0
+"""The period of the rate limits: their numbers are per minute."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,10 @@ class ReplyRun:
     files: list[FileExcerpt]
     """Excerpts of the attached text files, newest first, already through
     the input guardrail."""
+    member_id: str
+    """Who sent the message: the rate limits charge them the reply's tokens."""
+    charged_tokens: int
+    """Tokens the rate limits took when the message was sent."""
     writer: DeltaWriter | None = None
     end: StreamEnd | None = None
     """The provider's end of stream, with its usage (None: it never came)."""
@@ -331,7 +337,7 @@ class Replies:
             ]
             attached.sort(key=lambda f: f.created_at, reverse=True)  # newest first
             excerpts = await self._excerpts(attached, mode)
-            await self._check_rate(principal, content, *(e.text for e in excerpts))
+            charged = await self._check_rate(principal, content, *(e.text for e in excerpts))
             # Ids now, in order (a message sorts before its reply), so that the
             # lease can name the reply before anything is stored.
             message_id, reply_id = new_id(), new_id()
@@ -376,6 +382,8 @@ class Replies:
             history=items,
             summary=summary.text if summary else None,
             files=excerpts,
+            member_id=principal.member_id,
+            charged_tokens=charged,
         )
         self.runs[run.reply_id] = run
         self._by_session[session_id] = run
@@ -401,25 +409,55 @@ class Replies:
             )
         return excerpts
 
-    async def _check_rate(self, principal: Principal, *texts: str) -> None:
-        """Per-user and per-team limits on messages and on input tokens (the
-        message's and its attachments')."""
+    async def _check_rate(self, principal: Principal, *texts: str) -> int:
+        """Per-user and per-team limits on messages and on the model's tokens
+        (``RATE_PERIOD_S``). A message is refused while its sender or team
+        is over either. Its own tokens (the message's and its attachments',
+        estimated) are taken now; what its reply used beyond them, when the
+        reply ends (:meth:`_charge_usage`). Returns the tokens taken.
+
+        One message is allowed up to the whole limit, so that a message
+        larger than the limit is not refused for ever."""
         s = self.settings
         tokens = sum(estimate_tokens(text) for text in texts)
         checks = [
-            (f"msg:u:{principal.member_id}", 1, s.rate_user_messages),
-            (f"msg:t:{principal.team_id}", 1, s.rate_team_messages),
-            (f"tok:u:{principal.member_id}", tokens, s.rate_user_tokens),
-            (f"tok:t:{principal.team_id}", tokens, s.rate_team_tokens),
+            ("messages", f"msg:u:{principal.member_id}", 1, s.rate_user_messages),
+            ("messages", f"msg:t:{principal.team_id}", 1, s.rate_team_messages),
+            ("tokens", f"tok:u:{principal.member_id}", tokens, s.rate_user_tokens),
+            ("tokens", f"tok:t:{principal.team_id}", tokens, s.rate_team_tokens),
         ]
-        decisions = [
-            await self.limiter.hit(key, cost=min(cost, limit), limit=limit, period_s=60)
-            for key, cost, limit in checks
-            if limit > 0
-        ]
+        decisions: list[Decision] = []
+        refused: list[str] = []
+        for what, key, cost, limit in checks:
+            if limit > 0:
+                decision = await self.limiter.hit(
+                    key, cost=min(cost, limit), limit=limit, period_s=RATE_PERIOD_S
+                )
+                decisions.append(decision)
+                if not decision.allowed and what not in refused:
+                    refused.append(what)
         wait = retry_after(decisions)
         if wait is not None:
-            raise RateLimited("too many messages; try again later", retry_after_s=wait)
+            raise RateLimited(
+                f"too many {' and '.join(refused)} this minute; try again later",
+                retry_after_s=wait,
+            )
+        return tokens
+
+    async def _charge_usage(self, run: ReplyRun, usage: Usage) -> None:
+        """The tokens the reply used (its prompt and its output) beyond those
+        taken when its message was sent: owed by the sender and the team,
+        even past the limit, so their next messages wait until it is paid."""
+        s = self.settings
+        owed = usage.input_tokens + usage.output_tokens - run.charged_tokens
+        if owed <= 0:
+            return
+        for key, limit in (
+            (f"tok:u:{run.member_id}", s.rate_user_tokens),
+            (f"tok:t:{run.team_id}", s.rate_team_tokens),
+        ):
+            if limit > 0:
+                await self.limiter.charge(key, cost=owed, limit=limit, period_s=RATE_PERIOD_S)
 
     def provider_for(self, mode: Mode) -> LLMProvider:
         """The mode's provider: one of the operator's named providers
@@ -670,6 +708,7 @@ class Replies:
             # at once: free the session before anything else is awaited.
             await self._release(run)
             metrics.REPLIES.labels(stop_reason=stop_reason).inc()
+            await self._charge_usage(run, usage)
             elapsed = time.monotonic() - (run.first_token_at or run.started_at)
             if usage.output_tokens and elapsed > 0:
                 metrics.TOKENS_PER_SECOND.observe(usage.output_tokens / elapsed)

@@ -3,6 +3,7 @@ instances share the bucket) and as clients meet it."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,6 +37,17 @@ async def test_burst_then_refusal_with_retry_after(limiter: RateLimiter) -> None
     assert (await limiter.hit(other, cost=4, limit=5, period_s=60)).allowed
     assert not (await limiter.hit(other, cost=2, limit=5, period_s=60)).allowed
     assert (await limiter.hit(other, cost=1, limit=5, period_s=60)).allowed
+
+
+async def test_a_charge_is_owed_past_the_limit_and_paid_back_over_time(
+    limiter: RateLimiter,
+) -> None:
+    key = f"charge-{secrets.token_hex(4)}"
+    await limiter.charge(key, cost=15, limit=10, period_s=1)  # 1.5 periods' worth
+    refused = await limiter.hit(key, cost=1, limit=10, period_s=1)
+    assert not refused.allowed and 0.4 < refused.retry_after_s <= 0.6
+    await asyncio.sleep(refused.retry_after_s + 0.05)
+    assert (await limiter.hit(key, cost=1, limit=10, period_s=1)).allowed
 
 
 async def test_redis_buckets_are_shared_between_instances() -> None:
@@ -98,5 +110,39 @@ async def test_clients_get_rate_limited_with_retry_after(tmp_path: Path) -> None
             msgs = (await client.get(f"/chat/sessions/{sid}/messages", headers=h)).json()["items"]
             assert [m["content"] for m in msgs if m["role"] == "user"] == ["m0", "m1"]
             await ws.close()
+    finally:
+        await server.stop()
+
+
+async def test_the_token_limit_counts_what_the_model_read_and_wrote(tmp_path: Path) -> None:
+    """A short message whose reply used more tokens than the limit allows:
+    the reply is whole, and the next message waits, refused as over the
+    token limit (not the message limit)."""
+    server = await start_server(
+        test_settings(
+            f"sqlite+aiosqlite:///{tmp_path / 't.db'}",
+            tmp_path,
+            llm="scripted://?text=" + "word%20" * 400,
+            rate_user_tokens=300,
+        )
+    )
+    try:
+        team = await make_team(server.state)
+        h = team.owner.headers
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            sid = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
+            first = await client.post(
+                f"/chat/sessions/{sid}/messages", json={"content": "hi"}, headers=h
+            )
+            assert first.status_code == 201, first.text
+            usage = first.json()["reply"]["usage"]
+            assert usage["input_tokens"] + usage["output_tokens"] > 300, usage
+            second = await client.post(
+                f"/chat/sessions/{sid}/messages", json={"content": "and?"}, headers=h
+            )
+            assert second.status_code == 429, second.text
+            body = second.json()
+            assert body["code"] == "rate_limited" and "tokens" in body["detail"], body
+            assert "messages" not in body["detail"]
     finally:
         await server.stop()
