@@ -11,8 +11,11 @@ from sqlalchemy import text
 from starlette.responses import JSONResponse, Response
 
 from chathub import __version__
+from chathub.errors import Unavailable
 from chathub.handlers.deps import StateDep
+from chathub.handlers.schemas import errors
 from chathub.server import metrics
+from chathub.server.problems import problem_response
 
 router = APIRouter(tags=["health"])
 
@@ -32,9 +35,10 @@ async def metrics_endpoint(state: StateDep) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency is not ready"}})
-async def readyz(state: StateDep) -> JSONResponse:
-    """Ready when the database, the bus and the LLM provider answer."""
+@router.get("/readyz", responses={503: errors(503)[503]})
+async def readyz(state: StateDep) -> Response:
+    """Ready when the database, the bus and the LLM provider answer; when
+    not, a problem (``unavailable``) whose ``checks`` say which did not."""
     checks: dict[str, Any] = {}
     try:
         async with asyncio.timeout(3):
@@ -53,8 +57,7 @@ async def readyz(state: StateDep) -> JSONResponse:
                 checks[name] = "ok" if await probe() else "error"
         except Exception as exc:
             checks[name] = f"error: {type(exc).__name__}"
-    ready = all(v == "ok" for v in checks.values())
-    return JSONResponse(
-        {"status": "ready" if ready else "unavailable", "checks": checks},
-        status_code=200 if ready else 503,
-    )
+    failed = [name for name, result in checks.items() if result != "ok"]
+    if failed:
+        return problem_response(Unavailable(f"not ready: {', '.join(failed)}", checks=checks))
+    return JSONResponse({"status": "ready", "checks": checks})

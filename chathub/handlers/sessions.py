@@ -162,12 +162,13 @@ class TurnOut(BaseModel):
 @router.post(
     "/{session_id}/messages",
     responses={
-        **errors(403, 404, 409),
+        **errors(403, 404, 409, 413, 429, 503),
         200: {
-            "description": "The finished turn; with `Accept: text/event-stream`, the "
-            "session events of the reply as server-sent events",
+            "description": "A retry: the stored turn; with `Accept: text/event-stream`, "
+            "the session events of the reply as server-sent events",
             "content": {"text/event-stream": {}},
         },
+        201: {"description": "The finished turn", "model": TurnOut},
     },
 )
 async def post_message(

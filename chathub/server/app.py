@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chathub import __version__, logs
 from chathub.auth import TokenCodec
 from chathub.config import Settings
+from chathub.handlers.schemas import refine_openapi
 from chathub.llm.factory import create_providers
 from chathub.server import problems
 from chathub.server.bus import create_bus
@@ -51,6 +52,11 @@ class ChathubApp(FastAPI):
         # Set while serving: what to do when the server starts closing its
         # sockets, before it does (see chathub.server.ws_protocol).
         self.closing_hook: Callable[[], Awaitable[None]] | None = None
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = refine_openapi(super().openapi())
+        return self.openapi_schema
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and _route_path(scope) == self.socket_path:

@@ -64,3 +64,32 @@ async def test_openapi_describes_routes_errors_and_pages(client: httpx.AsyncClie
     )
     patch = paths["/dashboard/tasks/{task_id}"]["patch"]
     assert "409" in patch["responses"]
+
+
+async def test_openapi_says_what_errors_look_like_and_how_to_authenticate(
+    client: httpx.AsyncClient,
+) -> None:
+    """Error responses carry the Problem schema under problem+json (the type
+    sent), no route promises a 422 (bad input is 400), and the routes that
+    need credentials say so, as a bearer token."""
+    spec = (await client.get("/openapi.json")).json()
+    problem = {"$ref": "#/components/schemas/Problem"}
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert "422" not in responses, (path, method)
+            for status, response in responses.items():
+                if int(status) >= 400:
+                    assert response["content"] == {
+                        "application/problem+json": {"schema": problem}
+                    }, (
+                        path,
+                        method,
+                        status,
+                    )
+            public = path in {"/auth/token", "/healthz", "/readyz", "/metrics"}
+            assert operation.get("security") == ([] if public else None), (path, method)
+    assert spec["security"] == [{"bearer": []}]
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    send = spec["paths"]["/chat/sessions/{session_id}/messages"]["post"]["responses"]
+    assert {"201", "413", "429"} <= set(send)

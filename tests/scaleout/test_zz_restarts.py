@@ -189,6 +189,7 @@ async def _reply_cut_by_redis_restart(
                 assert body["checks"]["bus"] != "ok"
                 assert body["checks"]["session_log"] != "ok"
                 assert body["checks"]["database"] == "ok"
+                assert body["code"] == "unavailable" and "bus" in body["detail"]  # a problem
             await asyncio.sleep(2 * LEASE_TTL_S)  # an outage longer than a lease
         finally:
             await start_redis()
