@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,6 +21,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from chathub.server.app import create_app
+    from chathub.server.metrics import MULTIPROCESS_DIR
     from chathub.server.ws_protocol import uvicorn_settings
 
     if args.workers > 1 and (settings.embedded or not settings.redis_url):
@@ -42,8 +46,17 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     }
     if args.workers > 1:
         # Each worker process builds its own app (worker_app) on one shared
-        # listening socket; uvicorn restarts a worker that dies.
-        uvicorn.run("chathub.cli:worker_app", factory=True, workers=args.workers, **options)
+        # listening socket; uvicorn restarts a worker that dies. A scrape of
+        # /metrics reaches one of them: they keep their metrics in files,
+        # and each answers with all of them (chathub.server.metrics).
+        own_dir = not os.environ.get(MULTIPROCESS_DIR)
+        if own_dir:
+            os.environ[MULTIPROCESS_DIR] = tempfile.mkdtemp(prefix="chathub-metrics-")
+        try:
+            uvicorn.run("chathub.cli:worker_app", factory=True, workers=args.workers, **options)
+        finally:
+            if own_dir:
+                shutil.rmtree(os.environ.pop(MULTIPROCESS_DIR), ignore_errors=True)
     else:
         uvicorn.run(app, **options)
     return 0

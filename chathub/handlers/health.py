@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from starlette.responses import JSONResponse, Response
 
@@ -30,9 +30,9 @@ async def healthz() -> dict[str, str]:
     "/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}}
 )
 async def metrics_endpoint(state: StateDep) -> Response:
-    """Prometheus metrics of this instance."""
+    """Prometheus metrics of this instance (every worker's, under ``--workers``)."""
     metrics.SEND_QUEUE_DEPTH.set(sum(c.queue_depth for c in state.hub.connections.values()))
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/readyz", responses={503: errors(503)[503]})

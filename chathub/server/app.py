@@ -17,7 +17,7 @@ from chathub.auth import TokenCodec
 from chathub.config import Settings
 from chathub.handlers.schemas import refine_openapi
 from chathub.llm.factory import create_providers
-from chathub.server import problems
+from chathub.server import metrics, problems
 from chathub.server.bus import create_bus
 from chathub.server.credentials import SocketCredentials
 from chathub.server.dashboards import Dashboards
@@ -199,6 +199,7 @@ def create_app(
             await leases.close()
             await provider.aclose()
             await engine.dispose()
+            metrics.process_exiting()
 
     from chathub.handlers import routers, ws
 

@@ -1,16 +1,32 @@
 """Prometheus metrics (the default registry; one process, one set).
 
+Under ``chathub serve --workers N`` the workers share one port, so a scrape
+reaches any one of them: there each worker keeps its values in files under
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, which
+the command sets up), and :func:`exposition` answers with every worker's,
+counters summed and the gauges summed over the live workers.
+
 ``chathub_provider_errors_total`` is defined in ``chathub.llm.retry``,
 where provider calls are made and their errors counted."""
 
 from __future__ import annotations
 
+import os
 import time
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-OPEN_SOCKETS = Gauge("chathub_open_sockets", "Open WebSocket connections")
+OPEN_SOCKETS = Gauge(
+    "chathub_open_sockets", "Open WebSocket connections", multiprocess_mode="livesum"
+)
 FRAMES_IN = Counter("chathub_frames_in_total", "Client frames received")
 FRAMES_OUT = Counter("chathub_frames_out_total", "Frames sent to clients")
 SLOW_CLOSES = Counter("chathub_slow_client_closes_total", "Sockets closed for a full send queue")
@@ -32,7 +48,9 @@ GUARDRAIL_ACTIONS = Counter(
 HTTP_LATENCY = Histogram(
     "chathub_http_request_seconds", "HTTP latency by route", ["method", "route", "status"]
 )
-SEND_QUEUE_DEPTH = Gauge("chathub_send_queue_depth", "Frames queued for sockets, in total")
+SEND_QUEUE_DEPTH = Gauge(
+    "chathub_send_queue_depth", "Frames queued for sockets, in total", multiprocess_mode="livesum"
+)
 BUS_LAG = Histogram(
     "chathub_bus_lag_seconds",
     "Round trip of a PING on this instance's Redis pub/sub connection, read behind"
@@ -40,6 +58,26 @@ BUS_LAG = Histogram(
     ["subscription"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def exposition() -> bytes:
+    """The metrics, in Prometheus's text format: this process's, or with
+    several workers (``PROMETHEUS_MULTIPROC_DIR`` set) all of theirs."""
+    if os.environ.get(MULTIPROCESS_DIR):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest()
+
+
+def process_exiting() -> None:
+    """A worker is stopping: its live gauges (open sockets, queued frames)
+    no longer count. Its counters stay in the sums."""
+    if os.environ.get(MULTIPROCESS_DIR):
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
 class HttpMetrics:

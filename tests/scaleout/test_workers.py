@@ -10,6 +10,7 @@ import os
 import signal
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.scaleout.conftest import (
@@ -42,6 +43,18 @@ def children(pid: int) -> list[int]:
     return found
 
 
+async def scrape(url: str) -> dict[str, float]:
+    """The unlabelled samples of one ``/metrics`` answer."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(f"{url}/metrics")).text
+    samples = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and "{" not in name:
+            samples[name] = float(value)
+    return samples
+
+
 def is_worker(pid: int) -> bool:
     with contextlib.suppress(OSError):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -72,6 +85,11 @@ async def test_workers_serve_one_port_and_share_sessions(
                 await join(ws, session_id)
             reply_id = await send(sockets[0], session_id, "m1")
             await asyncio.gather(*(ws.until(reply_end(reply_id), timeout=20) for ws in sockets))
+            # Any worker answers a scrape, with every worker's metrics.
+            scrapes = [await scrape(server.url) for _ in range(8)]
+            assert {s["chathub_open_sockets"] for s in scrapes} == {9.0}, scrapes
+            frames_in = [s["chathub_frames_in_total"] for s in scrapes]
+            assert frames_in == sorted(frames_in) and frames_in[0] >= 9 + 1, frames_in
         finally:
             for ws in sockets:
                 await ws.close()
