@@ -1,11 +1,29 @@
 """Running extraction after replies and keeping the dashboard current.
 
 After a reply completes, extraction for its session is scheduled, debounced:
-a burst of replies gives one run. A run extracts from the messages since the
-last run, writes what is new or changed as new versions (author ``model`` or
-``extractor``), and publishes ``dashboard.updated``. After a run that changed
-something, the model rewrites the team's dashboard summary (versioned), which
-is published too; debounced per team as well, so a burst of runs gives one.
+a burst of replies gives one run. A run extracts from every message since the
+last run, oldest first, in batches of :data:`WINDOW` (one model call each),
+skipping the messages of turns in a mode with extraction off; it writes what
+is new or changed as new versions (author ``model`` or ``extractor``), and
+publishes ``dashboard.updated``. After a run that changed something, the
+model rewrites the team's dashboard summary (versioned), which is published
+too; debounced per team as well, so a burst of runs gives one.
+
+Guarantees of a batch
+    Its writes and the move of the session's read position
+    (``chat_sessions.extracted_until``, kept in the database so that every
+    instance and a restart go on where the last run stopped) are one
+    transaction: a batch that fails is read again by the next run, and of
+    two instances that read the same batch only one writes it. An item
+    storage refuses is skipped (and logged), the others are written. Nothing
+    is written for a session deleted meanwhile, or read for a session that is
+    not the team's.
+
+Sources
+    Each item is linked to the message it comes from (see
+    ``chathub.llm.extraction``): the deterministic extractor knows it; the
+    model is shown numbered messages and names one per item, and an item
+    without a usable number is linked to the batch's first user message.
 """
 
 from __future__ import annotations
@@ -14,10 +32,9 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Hashable
-from dataclasses import asdict
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -25,9 +42,11 @@ from chathub import logs
 from chathub.errors import ChathubError
 from chathub.llm.base import ChatTurn, CompletionRequest, LLMProvider, TextDelta
 from chathub.llm.extraction import (
+    ExtractionResult,
     KnownTask,
     Source,
     extract,
+    latest_states,
     new_insights,
     plan_task_changes,
 )
@@ -35,18 +54,19 @@ from chathub.llm.retry import stream_with_retry
 from chathub.server.dashboards import Dashboards
 from chathub.storage.db import transaction
 from chathub.storage.repositories import dashboard as board
+from chathub.storage.repositories import modes as modes_repo
 from chathub.storage.repositories import summaries
 
 log = logging.getLogger("chathub.extraction")
 
 WINDOW = 12
-"""Messages read per run at most (the newest since the last run)."""
+"""Messages per batch: what one model call reads."""
+MAX_BATCHES = 10
+"""Batches per run; a session further behind goes on in another run."""
 KNOWN_LIMIT = 100
 """Newest tasks and insights a run compares what it found with (besides
 every open task, up to :data:`OPEN_LIMIT`)."""
 OPEN_LIMIT = 1000
-LAST_SEEN_LIMIT = 10_000
-"""Sessions whose last extracted message is remembered."""
 
 
 async def _known_tasks(db: AsyncSession, team_id: str) -> list[board.TaskView]:
@@ -64,6 +84,122 @@ async def _known_tasks(db: AsyncSession, team_id: str) -> list[board.TaskView]:
         if cursor is None:
             break
     return list(tasks.values())
+
+
+class _Superseded(Exception):
+    """Another run read the batch first, or its session was deleted."""
+
+
+@dataclass(frozen=True)
+class _Batch:
+    after: str | None
+    """Where the session's extraction stood when this was read."""
+    sources: list[Source]
+    """The messages to extract from: those of turns whose mode extracts."""
+    until: str
+    """The last message read, extracted or not."""
+
+
+async def _extracting_modes(
+    db: AsyncSession, team_id: str, names: set[str | None]
+) -> set[str | None]:
+    """Of the modes ``names``, those with extraction on now. A mode no longer
+    known counts as off: nothing says its messages may be extracted. A
+    message stored before modes were recorded (None) is extracted."""
+    on: set[str | None] = set()
+    for name in names:
+        if name is None:
+            on.add(None)
+            continue
+        mode = await modes_repo.resolve_mode(db, team_id=team_id, name=name)
+        if mode is not None and mode.extraction:
+            on.add(name)
+    return on
+
+
+_Out = TypeVar("_Out")
+
+
+async def _guarded(db: AsyncSession, what: str, write: Awaitable[_Out]) -> _Out | None:
+    """``write``, in a savepoint; None when storage refuses it, which undoes
+    it alone and leaves the transaction usable for the other items."""
+    try:
+        async with db.begin_nested():
+            return await write
+    except ChathubError as exc:  # e.g. a person changed it meanwhile, or a bad value
+        log.info("extracted %s skipped: %s", what, exc.detail)
+        return None
+
+
+async def _write(
+    db: AsyncSession, team_id: str, session_id: str, result: ExtractionResult
+) -> dict[str, list[Any]]:
+    """Write one extraction's new and changed items; returns their views."""
+    found = result.extraction
+    changed: dict[str, list[Any]] = {"tasks": [], "insights": [], "states": []}
+    known = [
+        KnownTask(t.id, t.version, t.title, t.owner, t.due, t.status)
+        for t in (await _known_tasks(db, team_id) if found.tasks else [])
+    ]
+    # Pure CPU over up to ~1100 known tasks: off the event loop.
+    for change in await asyncio.to_thread(plan_task_changes, found.tasks, known):
+        source = result.source_of(change.message)
+        if change.task_id is None:
+            write: Awaitable[board.TaskView] = board.create_task(
+                db,
+                team_id=team_id,
+                author_kind=result.author_kind,
+                session_id=session_id,
+                source_message_id=source,
+                **change.fields,
+            )
+        else:
+            write = board.update_task(
+                db,
+                team_id=team_id,
+                task_id=change.task_id,
+                expected_version=change.expected_version,
+                author_kind=result.author_kind,
+                author_id=None,
+                session_id=session_id,
+                source_message_id=source,
+                **change.fields,
+            )
+        if (task := await _guarded(db, "task change", write)) is not None:
+            changed["tasks"].append(asdict(task))
+    insight_page = await board.list_insights(db, team_id=team_id, limit=KNOWN_LIMIT, cursor=None)
+    known_texts = [i.text for i in insight_page.items]
+    for found_insight in await asyncio.to_thread(new_insights, found.insights, known_texts):
+        create = board.create_insight(
+            db,
+            team_id=team_id,
+            text=found_insight.text,
+            kind=found_insight.kind,
+            author_kind=result.author_kind,
+            session_id=session_id,
+            source_message_id=result.source_of(found_insight.message),
+        )
+        if (insight := await _guarded(db, "insight", create)) is not None:
+            changed["insights"].append(asdict(insight))
+    for found_state in latest_states(found.states):
+        try:
+            before = await board.get_state(db, team_id=team_id, key=found_state.key)
+        except ChathubError:
+            before = None
+        set_state = board.set_state(
+            db,
+            team_id=team_id,
+            key=found_state.key,
+            value=found_state.value,
+            author_kind=result.author_kind,
+            updated_by=result.author_kind,
+            session_id=session_id,
+            source_message_id=result.source_of(found_state.message),
+        )
+        state = await _guarded(db, "state", set_state)
+        if state is not None and (before is None or before.version != state.version):
+            changed["states"].append(asdict(state))
+    return changed
 
 
 class Debounced:
@@ -126,10 +262,6 @@ class Extractor:
         self.debounce_s = debounce_s
         self._extractions = Debounced(debounce_s, self._run_quietly)
         self._summaries = Debounced(debounce_s, self._summarise_quietly)
-        # The last message each session's extraction read, for the sessions
-        # seen most recently (one forgotten re-reads its newest messages,
-        # which deduplication absorbs).
-        self._last_seen: OrderedDict[str, str] = OrderedDict()
         self._providers: dict[str, LLMProvider] = {}
 
     def schedule(self, team_id: str, session_id: str, provider: LLMProvider | None = None) -> None:
@@ -152,7 +284,7 @@ class Extractor:
             log.exception("the dashboard summary of team %s failed", team_id)
 
     async def run(self, team_id: str, session_id: str) -> dict[str, Any]:
-        """One extraction pass; returns what changed (empty when nothing did)."""
+        """One extraction run; returns what changed (empty when nothing did)."""
         try:
             return await self._run(team_id, session_id)
         except Exception:
@@ -160,92 +292,66 @@ class Extractor:
             return {}
 
     async def _run(self, team_id: str, session_id: str) -> dict[str, Any]:
-        async with self.sessionmaker() as db:
-            rows = await summaries.history_after(
-                db, session_id=session_id, after_id=self._last_seen.get(session_id), limit=WINDOW
-            )
-        sources = [Source(m.id, m.role, m.content) for m in rows if m.content]
-        if not sources:
-            return {}
         provider = self._providers.pop(session_id, self.provider)
-        result = await extract(provider, sources, today=dt.date.today())
-        self._last_seen[session_id] = sources[-1].id
-        self._last_seen.move_to_end(session_id)
-        if len(self._last_seen) > LAST_SEEN_LIMIT:
-            self._last_seen.popitem(last=False)
-        found = result.extraction
-        if found.empty:
-            return {}
-        changed: dict[str, list[Any]] = {"tasks": [], "insights": [], "states": []}
-        async with transaction(self.sessionmaker) as db:
-            known = [
-                KnownTask(t.id, t.version, t.title, t.owner, t.due, t.status)
-                for t in await _known_tasks(db, team_id)
-            ]
-            for change in plan_task_changes(found.tasks, known):
-                try:
-                    if change.task_id is None:
-                        view = await board.create_task(
-                            db,
-                            team_id=team_id,
-                            author_kind=result.author_kind,
-                            session_id=session_id,
-                            source_message_id=result.source_message_id,
-                            **change.fields,
-                        )
-                    else:
-                        view = await board.update_task(
-                            db,
-                            team_id=team_id,
-                            task_id=change.task_id,
-                            expected_version=change.expected_version,
-                            author_kind=result.author_kind,
-                            author_id=None,
-                            session_id=session_id,
-                            source_message_id=result.source_message_id,
-                            **change.fields,
-                        )
-                except ChathubError as exc:  # e.g. a person changed it meanwhile
-                    log.info("extracted task change skipped: %s", exc.detail)
-                    continue
-                changed["tasks"].append(asdict(view))
-            insight_page = await board.list_insights(
-                db, team_id=team_id, limit=KNOWN_LIMIT, cursor=None
+        changes: dict[str, list[Any]] = {}
+        for _ in range(MAX_BATCHES):
+            batch = await self._next_batch(team_id, session_id)
+            if batch is None:
+                break
+            for kind, items in (await self._extract(team_id, session_id, provider, batch)).items():
+                changes.setdefault(kind, []).extend(items)
+        else:  # more may be waiting: go on in another run, not this one
+            self._providers.setdefault(session_id, provider)
+            self._extractions.schedule((team_id, session_id))
+        if changes:
+            self._summaries.schedule(team_id)
+        return changes
+
+    async def _next_batch(self, team_id: str, session_id: str) -> _Batch | None:
+        """The oldest unread messages of the session, or None when there is
+        none (or the session is deleted, or not the team's)."""
+        async with self.sessionmaker() as db:
+            after, rows = await summaries.extraction_batch(
+                db, team_id=team_id, session_id=session_id, limit=WINDOW
             )
-            for insight in new_insights(found.insights, [i.text for i in insight_page.items]):
-                view_i = await board.create_insight(
+            if not rows:
+                return None
+            extracting = await _extracting_modes(db, team_id, {m.mode for m in rows})
+        sources = [
+            Source(m.id, m.role, m.content) for m in rows if m.content and m.mode in extracting
+        ]
+        return _Batch(after=after, sources=sources, until=rows[-1].id)
+
+    async def _extract(
+        self, team_id: str, session_id: str, provider: LLMProvider, batch: _Batch
+    ) -> dict[str, list[Any]]:
+        """Extract from one batch and write what it found, and that its
+        messages are read, in one transaction."""
+        result = None
+        if batch.sources:
+            result = await extract(provider, batch.sources, today=dt.date.today())
+        try:
+            async with transaction(self.sessionmaker) as db:
+                changed: dict[str, list[Any]] = {}
+                if result is not None and not result.extraction.empty:
+                    changed = await _write(db, team_id, session_id, result)
+                read = await summaries.mark_extracted(
                     db,
                     team_id=team_id,
-                    text=insight.text,
-                    kind=insight.kind,
-                    author_kind=result.author_kind,
                     session_id=session_id,
-                    source_message_id=result.source_message_id,
+                    after_id=batch.after,
+                    until=batch.until,
                 )
-                changed["insights"].append(asdict(view_i))
-            for state in found.states:
-                try:
-                    before = await board.get_state(db, team_id=team_id, key=state.key)
-                except ChathubError:
-                    before = None
-                view_s = await board.set_state(
-                    db,
-                    team_id=team_id,
-                    key=state.key,
-                    value=state.value,
-                    author_kind=result.author_kind,
-                    updated_by=result.author_kind,
-                    session_id=session_id,
-                    source_message_id=result.source_message_id,
-                )
-                if before is None or before.version != view_s.version:
-                    changed["states"].append(asdict(view_s))
-            version = await board.dashboard_version(db, team_id=team_id)
-        changes = {k: v for k, v in changed.items() if v}
-        if not changes:
+                if not read:
+                    raise _Superseded
+                changes = {k: v for k, v in changed.items() if v}
+                if changes:
+                    version = await board.dashboard_version(db, team_id=team_id)
+        except _Superseded:  # rolled back: nothing of this batch is written
+            log.info("extraction of session %s superseded", session_id)
             return {}
-        await self.dashboards.publish(team_id, version, changes)
-        self._summaries.schedule(team_id)
+        if changes:
+            await self.dashboards.publish(team_id, version, changes)
         return changes
 
     async def refresh_summary(self, team_id: str) -> None:

@@ -119,6 +119,9 @@ class ChatSession(Base):
     archived: Mapped[bool] = mapped_column(Boolean, default=False)
     created_by: Mapped[str | None] = mapped_column(ID, default=None)
     last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The last message dashboard extraction has read (None: none yet); moved
+    # in the transaction that writes what it found.
+    extracted_until: Mapped[str | None] = mapped_column(ID, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -14,7 +14,6 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from chathub.server import extraction
 from chathub.storage.db import transaction
 from chathub.storage.repositories import dashboard as board
 from tests.fakewire.anthropic_server import TextReply, ToolUseReply, serve_anthropic
@@ -246,21 +245,42 @@ async def test_an_old_open_task_mentioned_again_is_not_added_twice(tmp_path: Pat
         assert [t["title"] for t in tasks].count("renew the SSL certificate") == 1
 
 
-async def test_extraction_remembers_a_bounded_number_of_sessions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_the_model_sees_numbered_messages_and_names_each_item_s(
+    anthropic_server: tuple[RunningServer, object],
 ) -> None:
-    monkeypatch.setattr(extraction, "LAST_SEEN_LIMIT", 2)
-    async with markers_server(tmp_path) as server:
-        team = await make_team(server.state)
+    server, wire = anthropic_server
+    team = await make_team(server.state)
+    answer = {
+        "tasks": [EXTRACTED["tasks"][0] | {"message": 1}],
+        "insights": EXTRACTED["insights"],  # no number: the first user message
+        "states": [EXTRACTED["states"][0] | {"message": 2}],
+    }
+    wire.enqueue(  # type: ignore[attr-defined]
+        TextReply(["Noted: ", "Ana ships the beta."]),
+        ToolUseReply("record_extraction", partial_json=[json.dumps(answer)]),
+    )
+    wire.default = TextReply(["The beta is on track."])  # type: ignore[attr-defined]
+    async with httpx.AsyncClient(base_url=server.url) as client:
         h = team.owner.headers
-        async with httpx.AsyncClient(base_url=server.url) as client:
-            sessions = []
-            for n in range(3):
-                sid = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
-                sessions.append(sid)
-                r = await client.post(
-                    f"/chat/sessions/{sid}/messages", json={"content": f"hello {n}"}, headers=h
-                )
-                assert r.status_code == 201
-                await extraction_done(server)
-        assert list(server.state.extractor._last_seen) == sessions[1:]
+        sid = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
+        r = await client.post(
+            f"/chat/sessions/{sid}/messages", json={"content": "Ana ships the beta"}, headers=h
+        )
+        assert r.status_code == 201, r.text
+        turn = r.json()
+        await extraction_done(server)
+        [task] = (await client.get("/dashboard/tasks", headers=h)).json()["items"]
+        [insight] = (await client.get("/dashboard/insights", headers=h)).json()["items"]
+        [state] = (await client.get("/dashboard/states", headers=h)).json()["items"]
+    assert task["source_message_id"] == turn["message"]["id"]
+    assert insight["source_message_id"] == turn["message"]["id"]
+    assert state["source_message_id"] == turn["reply"]["id"]
+    [request] = [r.body for r in wire.requests if r.body and r.body.get("tool_choice")]  # type: ignore[attr-defined]
+    transcript = request["messages"][0]["content"]
+    text = transcript if isinstance(transcript, str) else transcript[0]["text"]
+    assert text.splitlines() == [
+        "[#1 user] Ana ships the beta",
+        "[#2 assistant] Noted: Ana ships the beta.",
+    ]
+    schema = request["tools"][0]["input_schema"]
+    assert "message" in schema["properties"]["tasks"]["items"]["properties"]
