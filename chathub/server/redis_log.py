@@ -6,6 +6,8 @@ live on one shard and one script can touch them)::
     <prefix>:seq:{<session_id>}   the session's counter: the last seq given
     <prefix>:log:{<session_id>}   Stream of the recent events, entry id 0-<seq>,
                                   fields t (type) and f (the frame)
+    <prefix>:reply:{<session_id>} the session's current reply (the fence): only
+                                  it may append deltas and steps
     <prefix>:events               pub/sub channel: every appended event
 
 One Lua script does an append atomically: INCR the counter, XADD the frame
@@ -44,19 +46,29 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
+from redis.exceptions import ResponseError
 
 from chathub.config import ConfigError
 from chathub.server.redis_bus import RedisSubscription, ping, redis_client, retry_once
-from chathub.server.session_log import Event, Listener
+from chathub.server.session_log import Event, Listener, StaleReply, reply_fence
 
 log = logging.getLogger("chathub.log")
 
-# KEYS: stream, counter. ARGV: head, tail, type, session_id, max_length,
-# stream ttl ms, counter ttl ms, channel, floor (the highest seq this
-# instance knows of, so a counter lost by Redis never goes back), token,
-# retry. The token is kept in the entry (field k): a retry after a dropped
-# connection returns the seq of the first try if that one went through.
+# KEYS: stream, counter, reply fence. ARGV: head, tail, type, session_id,
+# max_length, stream ttl ms, counter ttl ms, channel, floor (the highest seq
+# this instance knows of, so a counter lost by Redis never goes back),
+# token, retry, fence action, reply id. The token is kept in the entry
+# (field k): a retry after a dropped connection returns the seq of the first
+# try if that one went through. The fence holds the session's current reply
+# (``reply_fence``): ``start`` sets it, ``end`` retires it (if it is still
+# that reply), and a ``check`` event of any other reply is refused.
 APPEND = """
+if ARGV[12] == 'check' then
+  local current = redis.call('GET', KEYS[3])
+  if current and current ~= ARGV[13] then
+    return redis.error_reply('STALE reply ' .. ARGV[13])
+  end
+end
 if ARGV[11] == '1' then
   local recent = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 500)
   for _, entry in ipairs(recent) do
@@ -86,6 +98,11 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '0-' .. id,
   't', ARGV[3], 'f', frame, 'k', ARGV[10])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
+if ARGV[12] == 'start' then
+  redis.call('SET', KEYS[3], ARGV[13], 'PX', ARGV[7])
+elseif ARGV[12] == 'end' and redis.call('GET', KEYS[3]) == ARGV[13] then
+  redis.call('SET', KEYS[3], '-' .. ARGV[13], 'PX', ARGV[7])
+end
 redis.call('PUBLISH', ARGV[8], id .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[4] .. '\\n' .. frame)
 return seq
 """
@@ -163,6 +180,9 @@ class RedisSessionLog:
     def seq_key(self, session_id: str) -> str:
         return f"{self.prefix}:seq:{{{session_id}}}"
 
+    def fence_key(self, session_id: str) -> str:
+        return f"{self.prefix}:reply:{{{session_id}}}"
+
     # -- SessionLog --------------------------------------------------------
 
     async def append(self, session_id: str, type: str, data: dict[str, Any]) -> Event:
@@ -175,7 +195,8 @@ class RedisSessionLog:
         body = orjson.dumps(data)
         tail = b"}" if body == b"{}" else b"," + body[1:]
         floor = max(self._appended.get(session_id, 0), self._delivered.get(session_id, 0))
-        keys = [self.stream_key(session_id), self.seq_key(session_id)]
+        keys = [self.stream_key(session_id), self.seq_key(session_id), self.fence_key(session_id)]
+        fence, reply_id = reply_fence(type, data) or ("", "")
         args: list[bytes | str | int] = [
             head,
             tail,
@@ -188,7 +209,16 @@ class RedisSessionLog:
             floor,
             secrets.token_bytes(8),
         ]
-        seq = int(await retry_once(lambda again: self._append(keys=keys, args=[*args, int(again)])))
+        try:
+            seq = int(
+                await retry_once(
+                    lambda again: self._append(keys=keys, args=[*args, int(again), fence, reply_id])
+                )
+            )
+        except ResponseError as exc:
+            if str(exc).startswith("STALE"):
+                raise StaleReply(f"reply {reply_id} no longer holds session {session_id}") from exc
+            raise
         _remember(self._appended, session_id, seq, self._max_tracked)
         return Event(session_id, seq, type, (head + str(seq).encode() + tail).decode())
 

@@ -66,7 +66,7 @@ from chathub.server.extraction import Extractor
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
 from chathub.server.ratelimit import Decision, MemoryRateLimiter, RateLimiter, retry_after
 from chathub.server.reply_stream import DeltaWriter
-from chathub.server.session_log import SessionLog, append_surely
+from chathub.server.session_log import SessionLog, StaleReply, append_surely
 from chathub.server.summarizer import HISTORY_LIMIT, SessionSummarizer
 from chathub.storage.blobs import BlobStore
 from chathub.storage.db import transaction
@@ -617,6 +617,9 @@ class Replies:
                 failure.code = "timeout"
             except ProviderError as exc:
                 failure = exc  # counted where the provider was called
+            except StaleReply:
+                log.warning("reply %s was ended or replaced elsewhere; stopping it", run.reply_id)
+                run.lost = True
             except Exception as exc:
                 log.exception("reply %s failed", run.reply_id)
                 failure = ProviderError(f"internal error: {type(exc).__name__}", retryable=False)
@@ -637,13 +640,16 @@ class Replies:
 
     async def _finish(self, run: ReplyRun, failure: ProviderError | None) -> None:
         run.ending = True
-        if run.lost:
-            failure = ProviderError("the reply was taken over", retryable=True)
         try:
             text = ""
             if run.writer is not None:
-                await run.writer.finish()
+                try:
+                    await run.writer.finish()
+                except StaleReply:
+                    run.lost = True
                 text = run.writer.text
+            if run.lost:
+                failure = ProviderError("the reply was taken over", retryable=True)
             usage_view = _usage_view(run)
             usage = Usage(usage_view["input_tokens"], usage_view["output_tokens"])
             if failure is None:

@@ -27,6 +27,29 @@ from chathub.config import Settings
 
 logger = logging.getLogger("chathub.log")
 
+REPLY_ENDINGS = frozenset({"reply.completed", "reply.failed"})
+
+
+class StaleReply(Exception):
+    """An event of a reply that no longer has its session: another instance
+    ended it (its owner stopped renewing the lease, paused or cut off) or
+    started the session's next reply. The Redis log refuses it; the
+    in-process log serves one process, where no other instance can end a
+    reply, and keeps no fence."""
+
+
+def reply_fence(type: str, data: dict[str, Any]) -> tuple[str, str] | None:
+    """How an event bears on its session's current reply: ``("start", id)``
+    for ``reply.started``, ``("end", id)`` for its ending, ``("check", id)``
+    for the events in between (deltas, steps, guardrail actions), which only
+    the session's current reply may append; None for any other event."""
+    reply_id = data.get("reply_id")
+    if not type.startswith("reply.") or not isinstance(reply_id, str):
+        return None
+    if type == "reply.started":
+        return "start", reply_id
+    return ("end" if type in REPLY_ENDINGS else "check"), reply_id
+
 
 @dataclass(frozen=True, slots=True)
 class Event:

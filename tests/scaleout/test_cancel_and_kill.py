@@ -4,6 +4,8 @@ the death (SIGKILL) of the instance generating it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 from typing import Any
 
@@ -202,3 +204,47 @@ async def test_a_killed_instance_s_reply_longer_than_the_log_keeps_its_checkpoin
     assert (await stored_reply(a, deployment, session_id, reply_id))["content"] == kept
     # The log kept its count: the ending follows the last delta, no gap.
     assert_contiguous(events(on_a.seen, session_id))
+
+
+async def test_a_paused_instance_s_reply_appends_nothing_after_it_was_ended_elsewhere(
+    cluster: Cluster, deployment: Deployment
+) -> None:
+    """An instance stopped (SIGSTOP: a long GC pause, a frozen VM) past its
+    lease: another ends its reply as interrupted and the session takes its
+    next reply; when the paused one wakes, the log refuses its stale deltas,
+    so every socket sees the ended reply's deltas equal to its stored text
+    and the next reply's stream whole."""
+    a, b = await cluster.start(2)
+    session_id = await new_session(a, deployment)
+    on_a = await connect(a, deployment)
+    on_b = await connect(b, deployment)
+    try:
+        await join(on_a, session_id)
+        reply_id = await send(on_b, session_id, "m1")
+        await count_deltas(on_a, reply_id, 10)
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            await on_a.until(reply_end(reply_id), timeout=6 * LEASE_TTL_S)
+            next_id = await send(on_a, session_id, "m2")
+            await count_deltas(on_a, next_id, 5)
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        frames = await on_a.until(reply_end(next_id), timeout=30)
+        assert frames[-1]["type"] == "reply.completed", frames[-1]
+        # Give the woken instance time to try (and fail) to write more.
+        with pytest.raises(TimeoutError):
+            await on_a.until(lambda f: f.get("reply_id") == reply_id, timeout=2 * LEASE_TTL_S)
+        seen = events(on_a.seen, session_id)
+        assert_contiguous(seen)
+        (end,) = ends(seen, reply_id)
+        assert end["type"] == "reply.failed" and end["code"] == "interrupted", end
+        first_after_end = next(i for i, f in enumerate(seen) if f is end) + 1
+        assert not [f for f in seen[first_after_end:] if f.get("reply_id") == reply_id]
+        assert deltas(seen, reply_id) == end["partial"]["content"]
+        assert deltas(seen, next_id) == FULL_TEXT
+        stored = await stored_reply(a, deployment, session_id, reply_id)
+        assert stored["status"] == "failed" and stored["content"] == end["partial"]["content"]
+    finally:
+        await on_a.close()
+        with contextlib.suppress(Exception):
+            await on_b.close()

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from chathub.server.redis_log import RedisSessionLog, ShardedSessionLog
-from chathub.server.session_log import Event, MemorySessionLog, SessionLog
+from chathub.server.session_log import Event, MemorySessionLog, SessionLog, StaleReply
 from tests.harness import REDIS_URL, eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -340,6 +340,54 @@ async def test_event_with_no_data_is_a_valid_frame(logs: Logs) -> None:
 
 
 @pytest.mark.redis
+@pytest.mark.redis
+@pytest.mark.parametrize("backend", ["redis", "sharded"])
+async def test_the_redis_log_refuses_a_reply_s_events_once_it_no_longer_holds_the_session(
+    backend: str,
+) -> None:
+    """The fence: only the session's current reply appends deltas, steps and
+    guardrail events; its ending (by whichever instance) retires it and a
+    newer reply replaces it. Endings themselves are not fenced: the database
+    decides which ending is the one (a reaper's, or its owner's)."""
+    logs = Logs(backend)
+    try:
+        first, other = await logs.make(2)
+        sid = new_session()
+        delta = {"reply_id": "r1", "text": "a"}
+        await first.append(sid, "reply.delta", delta)  # no fence yet (a lost key): allowed
+        await first.append(sid, "reply.started", {"reply_id": "r1"})
+        await first.append(sid, "reply.delta", delta)
+        await other.append(sid, "reply.failed", {"reply_id": "r1", "code": "interrupted"})
+        with pytest.raises(StaleReply):
+            await first.append(sid, "reply.delta", delta)
+        await other.append(sid, "reply.started", {"reply_id": "r2"})
+        for stale in ("reply.delta", "reply.step", "reply.guardrail"):
+            with pytest.raises(StaleReply):
+                await first.append(sid, stale, {"reply_id": "r1"})
+        await other.append(sid, "reply.delta", {"reply_id": "r2", "text": "b"})
+        # A late ending of the old reply does not retire the new one.
+        await first.append(sid, "reply.failed", {"reply_id": "r1", "code": "internal"})
+        await other.append(sid, "reply.delta", {"reply_id": "r2", "text": "c"})
+        await first.append(sid, "message.created", {"message": {}})  # not a reply's event
+        held = [e.type for e in await other.held(sid)]
+        assert held == [
+            "reply.delta",
+            "reply.started",
+            "reply.delta",
+            "reply.failed",
+            "reply.started",
+            "reply.delta",
+            "reply.failed",
+            "reply.delta",
+            "message.created",
+        ]
+    finally:
+        for made in logs.made:
+            await made.close()
+        for url in SHARD_URLS if backend == "sharded" else [REDIS_URL]:
+            await drop_keys(logs.prefix, url)
+
+
 async def test_redis_keys_carry_the_ttl() -> None:
     logs = Logs("redis")
     try:
