@@ -479,7 +479,7 @@ class Replies:
         if run is not None:
             if run.team_id != principal.team_id:
                 raise NotFound("reply not found")
-            if run.released:  # its last event is out; only bookkeeping is left
+            if run.ending:  # its generation is over: it ends as it was ending
                 return False
             self._stop(run)
             return True
@@ -494,7 +494,7 @@ class Replies:
 
     async def _on_cancel_message(self, message: dict[str, Any]) -> None:
         run = self.runs.get(str(message.get("reply_id")))
-        if run is not None:
+        if run is not None and not run.ending:
             self._stop(run)
 
     def _stop(self, run: ReplyRun) -> None:

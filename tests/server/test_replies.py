@@ -243,6 +243,38 @@ async def test_cancel_mid_stream_keeps_the_partial_text(tmp_path: Path) -> None:
         assert_contiguous(events_of(ws.seen), first=1)
 
 
+async def test_a_cancel_once_the_reply_is_ending_is_answered_false(tmp_path: Path) -> None:
+    """A cancel that arrives after the reply's generation is over (it is
+    being stored and announced) stops nothing: its ack says so, and the
+    reply ends as it was ending."""
+    async with custom_server(tmp_path, llm=scripted(text="a b c d ", chunk=2)) as s:
+        owner = s.team.owner
+        sid = await new_session(s.client, owner)
+        session_log = s.server.state.session_log
+        append = session_log.append
+        ending, go_on = asyncio.Event(), asyncio.Event()
+
+        async def append_the_ending_later(session_id: str, type_: str, data: Any) -> Any:
+            if type_ == "reply.completed":
+                ending.set()
+                await go_on.wait()
+            return await append(session_id, type_, data)
+
+        session_log.append = append_the_ending_later  # type: ignore[method-assign]
+        ws = await WsClient.connect(s.server.ws_url, owner.api_key)
+        try:
+            await ws.request({"type": "join", "session_id": sid})
+            reply_id = (await send_message(ws, sid, "c1"))["reply_id"]
+            await asyncio.wait_for(ending.wait(), 10)
+            late = await ws.request({"type": "reply.cancel", "reply_id": reply_id})
+            go_on.set()
+            done = await reply_finished(ws, reply_id, timeout=5)
+        finally:
+            await ws.close()
+        assert late["type"] == "ack" and late["cancelling"] is False, late
+        assert done["type"] == "reply.completed" and done["stop_reason"] == "end_turn", done
+
+
 async def test_cancel_of_an_unknown_or_foreign_reply_is_not_found(
     clean_server: RunningServer,
     client: httpx.AsyncClient,
