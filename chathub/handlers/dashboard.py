@@ -15,15 +15,17 @@ Beyond PROTOCOL.md (additions, nothing changed):
   bare (``3``) or as that ETag (``"3"``). On ``PATCH /dashboard/tasks/{id}`` it
   is required: missing or not a version number is ``400 bad_request``; stale is
   ``409 conflict`` with ``current_version`` in the problem body.
-- A write that changes nothing appends no version and answers the current one.
+- A write that changes nothing appends no version, answers the current one
+  and pushes no ``dashboard.updated``.
 - ``GET /dashboard/tasks`` filters by ``assignee`` (the task's ``owner``;
   ``owner`` is accepted as a synonym) and lists newest task first.
 - ``GET /dashboard`` ``version`` is the team's count of version rows: it
   rises with every change and never falls; the same number the dashboard
   channel of the socket carries.
 
-Every write here publishes ``dashboard.updated`` to the team's subscribed
-sockets (on every instance) once it has committed.
+Every write here that changes something publishes ``dashboard.updated`` to
+the team's subscribed sockets (on every instance) once it has committed, in
+the order the writes committed (see ``server/dashboards.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import re
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Header, Path, Query
+from fastapi import APIRouter, Header, Path, Query
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
@@ -261,19 +263,13 @@ async def _provenance(
 
 
 async def _announce(
-    background: BackgroundTasks,
-    state: AppState,
-    db: AsyncSession,
-    team_id: str,
-    kind: str,
-    item: BaseModel,
+    state: AppState, db: AsyncSession, team_id: str, kind: str, item: BaseModel
 ) -> None:
-    """Push ``dashboard.updated`` to subscribers once the response (and so the
-    commit) is done."""
+    """Push ``dashboard.updated`` to subscribers once the transaction has
+    committed. Only after a write: the write took the team's dashboard lock,
+    so the version counted here is this change's own."""
     version = await repo.dashboard_version(db, team_id=team_id)
-    background.add_task(
-        state.dashboards.publish, team_id, version, {kind: [item.model_dump(mode="json")]}
-    )
+    state.dashboards.announce(db, team_id, version, {kind: [item.model_dump(mode="json")]})
 
 
 @router.post("/tasks", status_code=201, responses=errors(403))
@@ -283,7 +279,6 @@ async def create_task(
     db: SessionDep,
     response: Response,
     state: StateDep,
-    background: BackgroundTasks,
 ) -> TaskOut:
     """Create a task by hand (version 1)."""
     session_id = await _provenance(
@@ -307,7 +302,7 @@ async def create_task(
     response.headers["ETag"] = etag(view.version)
     response.headers["Location"] = f"{router.prefix}/tasks/{view.id}"
     out = TaskOut.model_validate(view)
-    await _announce(background, state, db, principal.team_id, "tasks", out)
+    await _announce(state, db, principal.team_id, "tasks", out)
     return out
 
 
@@ -327,7 +322,6 @@ async def patch_task(
     db: SessionDep,
     response: Response,
     state: StateDep,
-    background: BackgroundTasks,
     if_match: IfMatch = None,
 ) -> TaskOut:
     """Append a version with the fields sent, if the task is still at the
@@ -344,7 +338,8 @@ async def patch_task(
     )
     response.headers["ETag"] = etag(view.version)
     out = TaskOut.model_validate(view)
-    await _announce(background, state, db, principal.team_id, "tasks", out)
+    if view.version != expected:  # else nothing changed
+        await _announce(state, db, principal.team_id, "tasks", out)
     return out
 
 
@@ -441,11 +436,12 @@ async def set_state(
     db: SessionDep,
     response: Response,
     state: StateDep,
-    background: BackgroundTasks,
     if_match: IfMatch = None,
 ) -> StateOut:
     """Set the key's value by hand: appends a version unless the value is
     already the current one. With ``If-Match``, only from that version."""
+    expected = expected_version(if_match, required=False)
+    before = expected if expected is not None else await _state_version(db, principal.team_id, key)
     view = await repo.set_state(
         db,
         team_id=principal.team_id,
@@ -453,12 +449,21 @@ async def set_state(
         value=body.value,
         author_kind="user",
         updated_by=principal.member_id,
-        expected_version=expected_version(if_match, required=False),
+        expected_version=expected,
     )
     response.headers["ETag"] = etag(view.version)
     out = StateOut.model_validate(view)
-    await _announce(background, state, db, principal.team_id, "states", out)
+    if view.version != before:  # else nothing changed
+        await _announce(state, db, principal.team_id, "states", out)
     return out
+
+
+async def _state_version(db: AsyncSession, team_id: str, key: str) -> int:
+    """The key's current version; 0 for a key never set."""
+    try:
+        return (await repo.get_state(db, team_id=team_id, key=key)).version
+    except NotFound:
+        return 0
 
 
 @router.get("/states/{key}/history", responses=errors(404))

@@ -27,6 +27,9 @@ class Hub:
         self._by_session: defaultdict[str, set[Connection]] = defaultdict(set)
         self._by_team: defaultdict[str, set[Connection]] = defaultdict(set)
         self._by_team_dashboard: defaultdict[str, set[Connection]] = defaultdict(set)
+        # Subscribers held for a fresh snapshot after a bus reconnection, and
+        # the number of that reconnection (see resync_dashboards).
+        self._dashboard_stale: dict[Connection, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         session_log.add_listener(self.on_event)
 
@@ -149,6 +152,8 @@ class Hub:
         (the snapshot is read meanwhile, and must reach the client first)."""
         conn.dashboard = True
         conn.dashboard_held = []
+        # This snapshot is read after any earlier reconnection: it will do.
+        self._dashboard_stale.pop(conn, None)
         self._by_team_dashboard[conn.principal.team_id].add(conn)
 
     def dashboard_ready(self, conn: Connection, snapshot_version: int) -> list[str]:
@@ -159,6 +164,8 @@ class Hub:
 
     def unsubscribe_dashboard(self, conn: Connection) -> None:
         conn.dashboard = False
+        if self._dashboard_stale.pop(conn, None) is not None:
+            conn.dashboard_held = None
         members = self._by_team_dashboard.get(conn.principal.team_id)
         if members is not None:
             members.discard(conn)
@@ -170,6 +177,45 @@ class Hub:
             if conn.dashboard_held is not None:
                 conn.dashboard_held.append((version, frame))
             else:
+                conn.send(frame)
+
+    def resync_dashboards(self, reconnection: int) -> list[str]:
+        """The bus lost updates (its subscription dropped; this is its
+        ``reconnection``-th return): hold every subscriber's updates until
+        :meth:`dashboard_resynced` brings its team's fresh snapshot. Returns
+        the teams to read one for.
+
+        A socket still waiting for the snapshot of its own ``subscribe`` is
+        left alone: that snapshot is read again when a reconnection happened
+        during its read (``Dashboards.snapshot``)."""
+        for members in self._by_team_dashboard.values():
+            for conn in members:
+                if conn.dashboard_held is None:
+                    conn.dashboard_held = []
+                elif conn not in self._dashboard_stale:
+                    continue
+                self._dashboard_stale[conn] = reconnection
+        return list(self._by_team_dashboard)
+
+    def dashboard_resynced(
+        self, team_id: str, reconnection: int, snapshot: tuple[int, str] | None
+    ) -> None:
+        """Send the team's subscribers held for ``reconnection`` (or an
+        earlier one) its ``snapshot`` (version, frame), then the held
+        updates newer than it. ``None``: the snapshot could not be read; the
+        held updates go out as they are."""
+        for conn in tuple(self._by_team_dashboard.get(team_id, ())):
+            held_for = self._dashboard_stale.get(conn)
+            if held_for is None or held_for > reconnection:
+                continue  # subscribed since, or held for a later reconnection
+            del self._dashboard_stale[conn]
+            held, conn.dashboard_held = conn.dashboard_held or [], None
+            if snapshot is None:
+                frames = [frame for _, frame in held]
+            else:
+                version, first = snapshot
+                frames = [first, *(frame for v, frame in held if v > version)]
+            for frame in frames:
                 conn.send(frame)
 
     # -- lifecycle ---------------------------------------------------------

@@ -9,7 +9,8 @@ user repairs that (the session log re-reads its streams there).
 
 :class:`RedisBus` publishes JSON on ``<prefix>:bus:<channel>`` and reads every
 bus channel through one pattern subscription (``<prefix>:bus:*``), so a
-``subscribe`` takes effect at once, without a round trip to Redis.
+``subscribe`` takes effect at once, without a round trip to Redis. Its
+users repair what a reconnection lost in :meth:`RedisBus.on_reconnect`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ redis_log = logging.getLogger("chathub.redis")
 
 MessageCallback = Callable[[bytes, bytes], Awaitable[None]]
 ConnectCallback = Callable[[bool], Awaitable[None]]
+ReconnectHandler = Callable[[], Awaitable[None] | None]
 
 # Errors that mean "the connection is gone": reconnect.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
@@ -269,6 +271,10 @@ class RedisBus:
     Sync handlers run in arrival order on the reader task; an async handler
     runs as its own task, so a slow one does not hold up other messages.
     Each handler receives its own decoded copy of the message.
+
+    Messages published while the subscription was down are lost; handlers
+    registered with :meth:`on_reconnect` run once it is back, before the
+    first message after it.
     """
 
     def __init__(
@@ -282,12 +288,14 @@ class RedisBus:
         self._channel_prefix = f"{prefix}:bus:"
         self._url = url
         self._handlers: defaultdict[str, list[Handler]] = defaultdict(list)
+        self._reconnect_handlers: list[ReconnectHandler] = []
         self._client: aioredis.Redis | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.subscription = RedisSubscription(
             url,
             patterns=[glob_escape(self._channel_prefix) + "*"],
             on_message=self._on_message,
+            on_connect=self._on_connect,
             name=f"{prefix}:bus:{secrets.token_hex(4)}",
             reconnect_max_s=reconnect_max_s,
             ping_interval_s=ping_interval_s,
@@ -319,6 +327,30 @@ class RedisBus:
                     del self._handlers[channel]
 
         return unsubscribe
+
+    def on_reconnect(self, handler: ReconnectHandler) -> Callable[[], None]:
+        """Call ``handler()`` each time the subscription comes up after it
+        was registered (back after a drop, or up late when Redis was not
+        reachable at start), before any message that follows is handed out:
+        what was published before never arrived. A sync handler, or the sync
+        part of one that returns an awaitable, runs then; the awaitable runs
+        as its own task. Returns an idempotent unregister."""
+        self._reconnect_handlers.append(handler)
+
+        def unregister() -> None:
+            if handler in self._reconnect_handlers:
+                self._reconnect_handlers.remove(handler)
+
+        return unregister
+
+    async def _on_connect(self, reconnected: bool) -> None:
+        for handler in tuple(self._reconnect_handlers):
+            try:
+                result = handler()
+                if result is not None:
+                    self._spawn("reconnect", result)
+            except Exception:
+                log.exception("bus reconnect handler failed")
 
     async def _on_message(self, channel: bytes, data: bytes) -> None:
         name = channel.decode()[len(self._channel_prefix) :]
@@ -353,6 +385,7 @@ class RedisBus:
         for task in list(self._tasks):
             task.cancel()
         self._handlers.clear()
+        self._reconnect_handlers.clear()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()

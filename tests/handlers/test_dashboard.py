@@ -12,6 +12,7 @@ from chathub.storage.db import transaction
 from chathub.storage.repositories import dashboard as repo
 from chathub.storage.repositories import sessions
 from tests.harness import RunningServer, TeamFixture
+from tests.wsclient import WsClient
 
 
 async def make_task(client: httpx.AsyncClient, team: TeamFixture, **fields: Any) -> dict[str, Any]:
@@ -571,3 +572,70 @@ async def test_dashboard_shows_everything_and_its_version_rises(
     after_task = (await client.get("/dashboard", headers=h)).json()
     assert version < after_state < after_task["version"]
     assert after_task["counts"]["tasks"] == {"open": 2, "done": 1, "dropped": 1}
+
+
+async def test_concurrent_creates_announce_distinct_rising_versions(
+    client: httpx.AsyncClient, team: TeamFixture, clean_server: RunningServer
+) -> None:
+    """Tasks created all at once each announce a version of their own, in the
+    order they commit: a subscriber that ignores an update whose version is
+    not above the one it holds (the client rule) still ends up with every
+    task. (On PostgreSQL creates used to count their version unlocked, so
+    several announced the same one, out of order.)"""
+    count = 30
+    ws = await WsClient.connect(clean_server.ws_url, team.owner.api_key)
+    try:
+        assert (await ws.request({"type": "subscribe", "channel": "dashboard"}))["type"] == "ack"
+        snapshot = await ws.expect("dashboard.snapshot")
+        held = snapshot["version"]
+        board = {t["id"]: t for t in snapshot["open_tasks"]}
+
+        created = await asyncio.gather(
+            *(make_task(client, team, title=f"task {i}") for i in range(count))
+        )
+        pushed: list[int] = []
+        while len(pushed) < count:
+            update = await ws.expect("dashboard.updated")
+            pushed.append(update["version"])
+            if update["version"] > held:
+                held = update["version"]
+                board |= {t["id"]: t for t in update["tasks"]}
+    finally:
+        await ws.close()
+
+    assert len(set(pushed)) == count, pushed
+    assert pushed == sorted(pushed), pushed
+    listed = await read_all(client, "/dashboard/tasks", team.owner.headers, limit=100)
+    assert set(board) == {t["id"] for t in listed} == {t["id"] for t in created}
+    assert held == (await client.get("/dashboard", headers=team.owner.headers)).json()["version"]
+
+
+async def test_a_write_that_changes_nothing_pushes_nothing(
+    client: httpx.AsyncClient, team: TeamFixture, clean_server: RunningServer
+) -> None:
+    h = team.owner.headers
+    task = await make_task(client, team, owner="ana")
+    assert (await client.put("/dashboard/states/phase", json={"value": 1}, headers=h)).is_success
+    ws = await WsClient.connect(clean_server.ws_url, team.owner.api_key)
+    try:
+        assert (await ws.request({"type": "subscribe", "channel": "dashboard"}))["type"] == "ack"
+        await ws.expect("dashboard.snapshot")
+        noops = [
+            client.patch(
+                f"/dashboard/tasks/{task['id']}",
+                json={"owner": "ana"},
+                headers=h | {"If-Match": "1"},
+            ),
+            client.put("/dashboard/states/phase", json={"value": 1}, headers=h),
+            client.put("/dashboard/states/phase", json={"value": 1}, headers=h | {"If-Match": "1"}),
+        ]
+        for noop in noops:
+            r = await noop
+            assert r.status_code == 200 and r.headers["etag"] == '"1"', r.text
+        r = await client.put("/dashboard/states/phase", json={"value": 2}, headers=h)
+        assert r.status_code == 200 and r.headers["etag"] == '"2"', r.text
+        update = await ws.expect("dashboard.updated")
+        assert [(s["key"], s["value"]) for s in update["states"]] == [("phase", 2)]
+        assert "tasks" not in update
+    finally:
+        await ws.close()

@@ -25,8 +25,12 @@ Dashboard version
     (task, insight and state versions plus summaries). Rows are never deleted
     and every change inserts exactly one, so it rises whenever something on
     the dashboard changes, never falls, and is the same on every replica.
-    Writers of one team are serialised (see ``_versions``), so two changes
-    made at the same moment announce two different versions.
+    Every version row, a creation's included, is written through
+    ``_versions``, which first takes the team's dashboard lock: writers of
+    one team are serialised from their first write to their commit, so two
+    changes made at the same moment announce two different versions, rising
+    in the order they commit. Count after writing, in the same transaction;
+    a write that changed nothing took no lock, and has nothing to announce.
 
 Validation
     Field values are checked here (status, due date, sizes, state keys, author

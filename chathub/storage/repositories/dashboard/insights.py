@@ -93,18 +93,20 @@ async def create_insight(
     """A new insight at version 1."""
     _check_author(author_kind)
     fields = _insight_fields({"text": text, "kind": kind})
-    row = InsightVersion(
-        insight_id=new_id(),
-        team_id=team_id,
-        version=1,
-        session_id=session_id,
-        source_message_id=source_message_id,
-        author_kind=author_kind,
-        author_id=author_id,
+    values = {
         **fields,
-    )
-    db.add(row)
-    await db.flush()
+        "insight_id": new_id(),
+        "team_id": team_id,
+        "version": 1,
+        "session_id": session_id,
+        "source_message_id": source_message_id,
+        "author_kind": author_kind,
+        "author_id": author_id,
+    }
+    # As for tasks: through the team's lock, like every version.
+    row = await _insert_version(db, InsightVersion, values, ("insight_id", "version"))
+    if row is None:  # a fresh id already taken: not expected to happen
+        raise Conflict("insight id clash; try again")
     return (await _insight_views(db, [row]))[0]
 
 

@@ -96,18 +96,21 @@ async def create_task(
     """A new task at version 1."""
     _check_author(author_kind)
     fields = _task_fields({"title": title, "owner": owner, "due": due, "status": status})
-    row = TaskVersion(
-        task_id=new_id(),
-        team_id=team_id,
-        version=1,
-        session_id=session_id,
-        source_message_id=source_message_id,
-        author_kind=author_kind,
-        author_id=author_id,
+    values = {
         **fields,
-    )
-    db.add(row)
-    await db.flush()
+        "task_id": new_id(),
+        "team_id": team_id,
+        "version": 1,
+        "session_id": session_id,
+        "source_message_id": source_message_id,
+        "author_kind": author_kind,
+        "author_id": author_id,
+    }
+    # Written like every other version, so that it takes the team's lock
+    # before the writer counts the dashboard version it announces.
+    row = await _insert_version(db, TaskVersion, values, ("task_id", "version"))
+    if row is None:  # a fresh id already taken: not expected to happen
+        raise Conflict("task id clash; try again")
     return await _task_view(db, row)
 
 
