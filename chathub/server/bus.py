@@ -19,6 +19,7 @@ from chathub.config import Settings
 log = logging.getLogger("chathub.bus")
 
 Handler = Callable[[dict[str, Any]], Awaitable[None] | None]
+ReconnectHandler = Callable[[], Awaitable[None] | None]
 
 
 class Bus(Protocol):
@@ -29,6 +30,12 @@ class Bus(Protocol):
 
     def subscribe(self, channel: str, handler: Handler) -> Callable[[], None]:
         """Call ``handler`` for each message; returns an idempotent unsubscribe."""
+        ...
+
+    def on_reconnect(self, handler: ReconnectHandler) -> Callable[[], None]:
+        """Call ``handler()`` whenever this instance may have missed messages
+        (its connection to the bus dropped and is back), before the messages
+        that follow; returns an idempotent unregister."""
         ...
 
     async def start(self) -> None: ...
@@ -64,6 +71,10 @@ class MemoryBus:
                     del self._handlers[channel]
 
         return unsubscribe
+
+    def on_reconnect(self, handler: ReconnectHandler) -> Callable[[], None]:
+        """Never called: in process, no message is lost."""
+        return lambda: None
 
     async def start(self) -> None:
         return None

@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Awaitable
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -39,14 +39,6 @@ from chathub.storage.repositories import dashboard as repo
 log = logging.getLogger("chathub.dashboards")
 
 CHANNEL = "dashboard"
-
-
-@runtime_checkable
-class _Reconnecting(Protocol):
-    """A bus that can lose messages while it reconnects, and says when it
-    is back (the Redis bus; the in-process one never loses any)."""
-
-    def on_reconnect(self, handler: Callable[[], Awaitable[None] | None]) -> Callable[[], None]: ...
 
 
 class _Update:
@@ -74,9 +66,7 @@ class Dashboards:
         self._senders: dict[str, asyncio.Task[None]] = {}
         self._reconnections = 0
         self._unsubscribe = bus.subscribe(CHANNEL, self._on_update)
-        self._unregister = (
-            bus.on_reconnect(self._on_reconnect) if isinstance(bus, _Reconnecting) else None
-        )
+        self._unregister = bus.on_reconnect(self._on_reconnect)
 
     async def snapshot(self, team_id: str) -> dict[str, Any]:
         """The team's dashboard as a ``dashboard.snapshot`` frame. Read again
@@ -191,7 +181,6 @@ class Dashboards:
 
     def close(self) -> None:
         self._unsubscribe()
-        if self._unregister is not None:
-            self._unregister()
+        self._unregister()
         for task in list(self._senders.values()):
             task.cancel()

@@ -347,11 +347,11 @@ class Extractor:
                 changes = {k: v for k, v in changed.items() if v}
                 if changes:
                     version = await board.dashboard_version(db, team_id=team_id)
+                    # Published once this commits, in version order.
+                    self.dashboards.announce(db, team_id, version, changes)
         except _Superseded:  # rolled back: nothing of this batch is written
             log.info("extraction of session %s superseded", session_id)
             return {}
-        if changes:
-            await self.dashboards.publish(team_id, version, changes)
         return changes
 
     async def refresh_summary(self, team_id: str) -> None:
@@ -384,7 +384,7 @@ class Extractor:
         async with transaction(self.sessionmaker) as db:
             summary = await board.add_summary(db, team_id=team_id, text=text)
             version = await board.dashboard_version(db, team_id=team_id)
-        await self.dashboards.publish(team_id, version, {"summary": asdict(summary)})
+            self.dashboards.announce(db, team_id, version, {"summary": asdict(summary)})
 
     @property
     def idle(self) -> bool:

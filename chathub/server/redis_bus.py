@@ -32,14 +32,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from chathub.server import metrics
-from chathub.server.bus import Handler
+from chathub.server.bus import Handler, ReconnectHandler
 
 log = logging.getLogger("chathub.bus")
 redis_log = logging.getLogger("chathub.redis")
 
 MessageCallback = Callable[[bytes, bytes], Awaitable[None]]
 ConnectCallback = Callable[[bool], Awaitable[None]]
-ReconnectHandler = Callable[[], Awaitable[None] | None]
 
 # Errors that mean "the connection is gone": reconnect.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
