@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -18,13 +21,20 @@ from chathub.handlers.schemas import Page, StrictBody, errors
 from chathub.ids import new_id
 from chathub.server.connection import Connection
 from chathub.server.state import AppState
+from chathub.storage.db import transaction
 from chathub.storage.models import Message
 from chathub.storage.repositories import audit
 from chathub.storage.repositories import modes as modes_repo
 from chathub.storage.repositories import sessions as repo
 from chathub.wire import MessageOut, SessionOut
 
+log = logging.getLogger("chathub.sessions")
+
 router = APIRouter(prefix="/chat/sessions", tags=["sessions"])
+
+REPLY_RECHECK_S = 5.0
+"""How often a request waiting for a reply to end reads the stored reply
+again, in case the session's events missed its end."""
 
 MODE_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 
@@ -41,6 +51,10 @@ class SessionPatch(StrictBody):
 
 
 async def _check_mode(db: AsyncSession, team_id: str, name: str) -> None:
+    """Refuse an unknown mode. A team mode stays locked until the request's
+    transaction commits, so that a delete of the mode either comes first
+    (and this refuses it) or waits and counts this session."""
+    await modes_repo.lock_mode(db, team_id=team_id, name=name)
     if await modes_repo.resolve_mode(db, team_id=team_id, name=name) is None:
         raise BadRequest(f"unknown mode {name!r}")
 
@@ -102,17 +116,29 @@ async def patch_session(
 
 
 @router.delete("/{session_id}", status_code=204, responses=errors(403, 404))
-async def delete_session(session_id: str, principal: MemberUser, db: SessionDep) -> Response:
-    row = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
-    await repo.delete_session(db, row)
-    await audit.record(
-        db,
-        team_id=principal.team_id,
-        actor_id=principal.member_id,
-        action="session.delete",
-        target_type="session",
-        target_id=row.id,
-    )
+async def delete_session(session_id: str, principal: MemberUser, state: StateDep) -> Response:
+    """Delete the session, and stop the reply it is generating, if any,
+    wherever that runs: once the delete has committed, the reply ends as a
+    cancelled one does (``reply.completed``, ``cancelled``) for the sockets
+    still joined."""
+    async with transaction(state.sessionmaker) as db:
+        row = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
+        await repo.delete_session(db, row)
+        await audit.record(
+            db,
+            team_id=principal.team_id,
+            actor_id=principal.member_id,
+            action="session.delete",
+            target_type="session",
+            target_id=row.id,
+        )
+    async with state.sessionmaker() as db:
+        streaming = await repo.streaming_replies(db, session_id=session_id)
+    for reply_id in streaming:
+        try:
+            await state.replies.cancel(principal, reply_id)
+        except Exception:  # the delete itself has succeeded
+            log.exception("could not stop reply %s of deleted session %s", reply_id, session_id)
     return Response(status_code=204)
 
 
@@ -178,7 +204,8 @@ async def post_message(
     events (the same event objects as on the socket) when the client asks
     for ``text/event-stream``; otherwise this answers once the reply ends.
     A retry with the same ``client_msg_id`` starts nothing and answers with
-    the stored turn as JSON."""
+    the stored turn as JSON, once its reply has ended, whichever instance
+    generates it."""
     async with state.sessionmaker() as db:
         chat = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
     await state.replies.floor_from_store(chat.id, chat.last_seq)
@@ -203,9 +230,11 @@ async def post_message(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    state.hub.leave(sink, session_id)
-    if result.reply_id is not None:
-        await state.replies.wait(result.reply_id)
+    try:
+        if result.reply_id is not None:
+            await _until_reply_ends(state, sink, principal.team_id, result.reply_id)
+    finally:
+        state.hub.leave(sink, session_id)
     async with state.sessionmaker() as db:
         message = await repo.get_message(
             db, team_id=principal.team_id, message_id=result.message["id"]
@@ -223,6 +252,45 @@ async def post_message(
     )
 
 
+async def _until_reply_ends(state: AppState, sink: Connection, team_id: str, reply_id: str) -> None:
+    """Return once the reply has ended, wherever it runs (a retry may reach
+    another instance than the one generating it): its run, when it runs
+    here; else its ending event on the session, which ``sink`` (joined
+    before the send) cannot miss while the stored reply still streams, since
+    a reply is stored before its ending event is appended. Should the sink
+    lose events (closed as slow, or left behind the log), the stored reply
+    is read again every :data:`REPLY_RECHECK_S`."""
+    if reply_id in state.replies.runs:
+        await state.replies.wait(reply_id)
+        return
+    while await _still_streaming(state, team_id, reply_id):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REPLY_RECHECK_S):
+                await _ending_event(sink, reply_id)
+
+
+async def _still_streaming(state: AppState, team_id: str, reply_id: str) -> bool:
+    async with state.sessionmaker() as db:
+        reply = await repo.get_message(db, team_id=team_id, message_id=reply_id)
+    return reply.status == "streaming"
+
+
+async def _ending_event(sink: Connection, reply_id: str) -> None:
+    """Wait for ``reply_id``'s ``reply.completed`` or ``reply.failed`` on
+    ``sink``; once the sink is closed, for ever (the caller's timeout)."""
+    while not sink.closed:
+        for frame in await sink.take():
+            if _ends(orjson.loads(frame), reply_id):
+                return
+    await asyncio.get_running_loop().create_future()
+
+
+def _ends(event: dict[str, Any], reply_id: str) -> bool:
+    return event["type"] in ("reply.completed", "reply.failed") and (
+        event.get("reply_id") == reply_id
+    )
+
+
 async def _event_stream(
     state: AppState, sink: Connection, session_id: str, reply_id: str
 ) -> AsyncIterator[str]:
@@ -231,9 +299,7 @@ async def _event_stream(
             for frame in await sink.take():
                 event = orjson.loads(frame)
                 yield f"id: {event.get('seq', '')}\nevent: {event['type']}\ndata: {frame}\n\n"
-                if event["type"] in ("reply.completed", "reply.failed") and (
-                    event.get("reply_id") == reply_id
-                ):
+                if _ends(event, reply_id):
                     return
     finally:
         state.hub.leave(sink, session_id)

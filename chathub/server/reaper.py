@@ -12,10 +12,12 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from itertools import pairwise
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chathub.config import Settings
+from chathub.llm.base import estimate_tokens
 from chathub.server import metrics
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
 from chathub.server.session_log import Event, SessionLog, append_surely
@@ -104,12 +106,14 @@ class ReplyReaper:
     async def end_interrupted(self, reply_id: str) -> bool:
         """``reply.failed`` / ``interrupted`` with the partial text: all of it
         when the session log still holds the reply from its start, else the
-        last checkpoint stored with the reply. Never restarts the reply."""
+        last checkpoint stored with the reply, and an estimated usage
+        (:func:`estimated_usage`). Never restarts the reply."""
         async with self.sessionmaker() as db:
             row = await repo.reply_by_id(db, reply_id=reply_id)
             if row is None or row.status != "streaming":
                 return False
             last_seq = await repo.stored_last_seq(db, session_id=row.session_id)
+            asked = await repo.content_of(db, message_id=row.reply_to) if row.reply_to else None
         streamed = streamed_text(await self.log.held(row.session_id), reply_id)
         if streamed is None:
             # The log no longer holds the reply (a reply longer than its
@@ -132,7 +136,7 @@ class ReplyReaper:
                 content=partial,
                 status="failed",
                 stop_reason="error",
-                usage=None,
+                usage=estimated_usage(asked or "", partial),
             )
             view = message_view(finished) if finished is not None else None
         if view is None:
@@ -160,6 +164,21 @@ class ReplyReaper:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def estimated_usage(asked: str, partial: str) -> dict[str, Any]:
+    """The usage stored with a reply the reaper ends, marked ``estimated``
+    as every usage the provider never sent is (see ``_usage_view`` in
+    ``server/replies.py``). Output: the partial text, one token per four
+    characters. Input: the prompt died with the instance that built it
+    (system prompt, summary, history, file excerpts), so the reaper counts
+    the one part of it it can read back cheaply, the message being answered
+    (``asked``): a lower bound, never more than the prompt was."""
+    return {
+        "input_tokens": estimate_tokens(asked),
+        "output_tokens": estimate_tokens(partial),
+        "estimated": True,
+    }
 
 
 def streamed_text(events: list[Event], reply_id: str) -> str | None:

@@ -484,7 +484,12 @@ class Replies:
             self._stop(run)
             return True
         async with self.sessionmaker() as db:
-            message = await repo.get_message(db, team_id=principal.team_id, message_id=reply_id)
+            try:
+                message = await repo.get_message(db, team_id=principal.team_id, message_id=reply_id)
+            except NotFound:
+                # One answer for every id the team does not have, running
+                # here or not: it tells nothing about other teams' replies.
+                raise NotFound("reply not found") from None
         if message.role != "assistant":
             raise NotFound("reply not found")
         if message.status != "streaming":

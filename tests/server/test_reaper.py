@@ -15,7 +15,8 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from chathub.server.reaper import streamed_text
+from chathub.llm.base import estimate_tokens
+from chathub.server.reaper import ReplyReaper, streamed_text
 from chathub.server.session_log import Event
 from chathub.storage.db import transaction
 from chathub.storage.models import ChatSession, Message
@@ -171,6 +172,91 @@ async def test_a_reply_left_streaming_is_ended_with_its_checkpoint_at_the_next_s
                 await ws.close()
     finally:
         await second.stop()
+
+
+# -- the usage of a reaped reply ---------------------------------------------
+
+
+async def test_a_reaped_reply_stores_an_estimated_usage_of_its_partial_text(
+    tmp_path: Path,
+) -> None:
+    """As every reply the provider's count never reached: output from the
+    partial text, input from the message it answers (all of the prompt the
+    reaper can know), marked estimated."""
+    llm = scripted(text=SLOW_TEXT, chunk=4, rate=40)
+    async with server_on("sqlite", tmp_path, llm=llm, coalesce_ms=0) as server:
+        team = await make_team(server.state)
+        owner = team.owner
+        # Another instance's reaper, for which this reply's instance died.
+        reaper = ReplyReaper(
+            settings=server.settings,
+            sessionmaker=server.state.sessionmaker,
+            session_log=server.state.session_log,
+            leases=server.state.replies.leases,
+            is_local=lambda _reply_id: False,
+        )
+        asked = "what is the plan for the quarter?"
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            sid = await new_session(client, owner)
+            ws = await WsClient.connect(server.ws_url, owner.api_key)
+            try:
+                await ws.request({"type": "join", "session_id": sid})
+                reply_id = (await send_message(ws, sid, "c1", asked))["reply_id"]
+                for _ in range(5):
+                    await ws.until(lambda f: f["type"] == "reply.delta")
+                assert await reaper.end_interrupted(reply_id)
+                end = await ws.first(reply_end(reply_id))
+                await ws.request({"type": "reply.cancel", "reply_id": reply_id})
+            finally:
+                await ws.close()
+            stored = await stored_message(client, owner, sid, reply_id)
+    assert end["type"] == "reply.failed" and end["code"] == "interrupted", end
+    partial = end["partial"]["content"]
+    assert partial and SLOW_TEXT.startswith(partial)
+    usage = {
+        "input_tokens": estimate_tokens(asked),
+        "output_tokens": estimate_tokens(partial),
+        "estimated": True,
+    }
+    assert end["partial"]["usage"] == usage
+    assert stored["status"] == "failed" and stored["usage"] == usage
+
+
+async def test_a_reply_ended_from_its_checkpoint_stores_an_estimated_usage(
+    tmp_path: Path,
+) -> None:
+    settings = test_settings(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}", tmp_path)
+    first = await start_server(settings)
+    team = await make_team(first.state)
+    async with httpx.AsyncClient(base_url=first.url) as client:
+        sid = await new_session(client, team.owner)
+    # A crash mid-reply: the message, and its reply left streaming.
+    asked, reply_id = "x" * 41, "0" * 8 + "-dead-7000-8000-000000000001"
+    async with transaction(first.state.sessionmaker) as db:
+        await sessions_repo.add_turn(
+            db,
+            team_id=team.team_id,
+            session_id=sid,
+            content=asked,
+            client_msg_id="c1",
+            author_id=team.owner.member_id,
+            mode="chat",
+            model="scripted",
+            file_ids=None,
+            message_id="0" * 8 + "-dead-7000-8000-000000000000",
+            reply_id=reply_id,
+        )
+        await sessions_repo.checkpoint_reply(db, message_id=reply_id, content="Hello, wor")
+    await first.stop()
+
+    second = await start_server(settings)
+    try:
+        async with httpx.AsyncClient(base_url=second.url) as client:
+            reply = await stored_message(client, team.owner, sid, reply_id)
+    finally:
+        await second.stop()
+    assert reply["status"] == "failed" and reply["content"] == "Hello, wor"
+    assert reply["usage"] == {"input_tokens": 11, "output_tokens": 3, "estimated": True}
 
 
 # -- what the log still holds ------------------------------------------------

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chathub.errors import Conflict, Forbidden, NotFound
 from chathub.llm.modes import Mode, get_mode, shipped_modes
+from chathub.storage.locks import advisory_xact_lock
 from chathub.storage.models import ChatSession, TeamMode, utcnow
 
 ModeSource = Literal["shipped", "team"]
@@ -29,6 +30,18 @@ async def _row(db: AsyncSession, *, team_id: str, name: str) -> TeamMode | None:
     return await db.scalar(
         select(TeamMode).where(TeamMode.team_id == team_id, TeamMode.name == name)
     )
+
+
+async def lock_mode(db: AsyncSession, *, team_id: str, name: str) -> None:
+    """Hold the team mode ``name`` until ``db``'s transaction ends, across
+    every process sharing the database. Taken by whatever deletes the mode
+    and by whatever puts a session in it (create, change of mode): the one
+    that comes second sees what the first committed, so a session is never
+    left in a mode deleted at the same time. Shipped modes are never
+    deleted: there is nothing to lock."""
+    if get_mode(name) is not None:
+        return
+    await advisory_xact_lock(db, f"chathub:mode:{team_id}:{name}")
 
 
 async def list_modes(db: AsyncSession, *, team_id: str) -> list[tuple[Mode, ModeSource]]:
@@ -77,6 +90,9 @@ async def replace_mode(db: AsyncSession, *, team_id: str, mode: Mode) -> Mode:
 async def delete_mode(db: AsyncSession, *, team_id: str, name: str) -> None:
     if name in shipped_modes():
         raise Forbidden("shipped modes cannot be deleted")
+    # Before counting: a session being put in this mode either committed
+    # and is counted, or waits and then finds the mode gone.
+    await lock_mode(db, team_id=team_id, name=name)
     row = await _row(db, team_id=team_id, name=name)
     if row is None:
         raise NotFound("mode not found")

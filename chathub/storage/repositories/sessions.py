@@ -309,6 +309,14 @@ async def reply_by_id(session: AsyncSession, *, reply_id: str) -> Message | None
     )
 
 
+async def content_of(session: AsyncSession, *, message_id: str) -> str | None:
+    """A message's text whatever its team (for the reaper)."""
+    content: str | None = await session.scalar(
+        select(Message.content).where(Message.id == message_id)
+    )
+    return content
+
+
 async def stored_last_seq(session: AsyncSession, *, session_id: str) -> int:
     """The session's stored ``last_seq`` whatever its team (for the reaper)."""
     return int(
@@ -324,6 +332,19 @@ async def unfinished_replies(
     if started_before is not None:
         stmt = stmt.where(Message.created_at < started_before)
     return list((await session.scalars(stmt.order_by(Message.id).limit(limit))).all())
+
+
+async def streaming_replies(session: AsyncSession, *, session_id: str) -> list[str]:
+    """The ids of the session's replies still marked as streaming: the one
+    being generated, if any (and one a dead server left, until it is reaped)."""
+    rows = await session.scalars(
+        select(Message.id).where(
+            Message.session_id == session_id,
+            Message.role == "assistant",
+            Message.status == "streaming",
+        )
+    )
+    return list(rows.all())
 
 
 async def get_message(session: AsyncSession, *, team_id: str, message_id: str) -> Message:

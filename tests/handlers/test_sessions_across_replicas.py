@@ -1,0 +1,134 @@
+"""A session's REST routes while its reply streams on one of two replicas
+sharing PostgreSQL and Redis: a JSON retry of the message answers the
+finished turn whichever replica it reaches, and deleting the session stops
+the reply whichever replica the delete reaches."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chathub.storage.repositories import sessions as sessions_repo
+from tests.harness import (
+    REDIS_URL,
+    RunningServer,
+    TeamFixture,
+    create_pg_database,
+    drop_pg_database,
+    make_team,
+    pg_url,
+    start_server,
+    test_settings,
+)
+from tests.server.test_ws import delta_text, new_session, scripted, send_message
+from tests.wsclient import WsClient, reply_end
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(60)]
+
+SLOW_TEXT = "".join(f"word{i:03d} " for i in range(80))  # 640 characters
+RATE = 40  # chunks of 4 characters per second: the reply takes 4 s
+REPLY_S = len(SLOW_TEXT) / 4 / RATE
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+    """Two servers on one fresh database and the test Redis."""
+    name = await create_pg_database()
+    servers: list[RunningServer] = []
+    try:
+        for i in range(2):
+            settings = test_settings(
+                pg_url(name),
+                tmp_path / f"r{i}",
+                redis_url=REDIS_URL,
+                llm=scripted(text=SLOW_TEXT, chunk=4, rate=RATE),
+            )
+            servers.append(await start_server(settings, migrate=i == 0))
+        yield servers[0], servers[1]
+    finally:
+        for server in servers:
+            await server.stop()
+        await drop_pg_database(name)
+
+
+async def test_a_json_retry_on_another_replica_answers_once_the_reply_has_ended(
+    replicas: tuple[RunningServer, RunningServer],
+) -> None:
+    a, b = replicas
+    team = await make_team(a.state)
+    h = team.owner.headers
+    body = {"content": "hello", "client_msg_id": "c1"}
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+    ):
+        sid = await new_session(on_a, team.owner)
+        ws = await WsClient.connect(a.ws_url, team.owner.api_key)
+        try:
+            await ws.request({"type": "join", "session_id": sid})
+            first = asyncio.create_task(
+                on_a.post(f"/chat/sessions/{sid}/messages", json=body, headers=h)
+            )
+            await ws.until(lambda f: f["type"] == "reply.delta")
+            retried_at = time.monotonic()
+            retry = await on_b.post(f"/chat/sessions/{sid}/messages", json=body, headers=h)
+            took = time.monotonic() - retried_at
+            end = await ws.first(reply_end())
+            answered = await first
+        finally:
+            await ws.close()
+    assert answered.status_code == 201, answered.text
+    assert retry.status_code == 200, retry.text
+    turn = retry.json()
+    assert turn["duplicate"] is True
+    assert turn["message"] == answered.json()["message"]
+    # The finished reply, as the first answer and the socket have it.
+    assert turn["reply"] == answered.json()["reply"]
+    assert turn["reply"]["status"] == "complete" and turn["reply"]["content"] == SLOW_TEXT
+    assert turn["reply"]["usage"] == end["usage"]
+    assert took > REPLY_S / 2  # it waited for the end
+
+
+@pytest.mark.parametrize("where", ["same", "other"])
+async def test_deleting_a_session_stops_its_reply_on_either_replica(
+    replicas: tuple[RunningServer, RunningServer], where: str
+) -> None:
+    a, b = replicas
+    team: TeamFixture = await make_team(a.state)
+    deleting = a if where == "same" else b
+    ws = await WsClient.connect(a.ws_url, team.owner.api_key)
+    watcher = await WsClient.connect(b.ws_url, team.owner.api_key)
+    try:
+        async with httpx.AsyncClient(base_url=deleting.url, timeout=30) as client:
+            sid = await new_session(client, team.owner)
+            await ws.request({"type": "join", "session_id": sid})
+            await watcher.request({"type": "join", "session_id": sid})
+            reply_id = (await send_message(ws, sid, "c1"))["reply_id"]
+            for _ in range(5):
+                await ws.until(lambda f: f["type"] == "reply.delta")
+            deleted_at = time.monotonic()
+            r = await client.delete(f"/chat/sessions/{sid}", headers=team.owner.headers)
+            assert r.status_code == 204, r.text
+        # Both sockets still joined see the reply end as a cancelled one does.
+        end = (await ws.until(reply_end(reply_id), timeout=10))[-1]
+        took = time.monotonic() - deleted_at
+        watched = (await watcher.until(reply_end(reply_id), timeout=10))[-1]
+    finally:
+        await ws.close()
+        await watcher.close()
+    assert end["type"] == "reply.completed" and end["stop_reason"] == "cancelled", end
+    assert watched == end
+    partial = delta_text(ws.seen, reply_id)
+    assert partial and SLOW_TEXT.startswith(partial) and partial != SLOW_TEXT
+    assert end["message"]["content"] == partial
+    assert end["usage"]["estimated"] is True
+    assert took < REPLY_S / 2
+    async with a.state.sessionmaker() as db:
+        stored = await sessions_repo.reply_by_id(db, reply_id=reply_id)
+    assert stored is not None
+    assert (stored.status, stored.stop_reason, stored.content) == ("complete", "cancelled", partial)
