@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from chathub.server.redis_bus import RedisBus
 from tests.harness import REDIS_URL, eventually, http_client, make_team, server_on
+from tests.server.test_session_log_contract import kill_client, pubsub_client_ids
 from tests.wsclient import WsClient
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.timeout(60)]
@@ -58,7 +58,7 @@ async def test_after_a_bus_reconnect_subscribers_get_a_fresh_snapshot(tmp_path: 
                 ack = await ws.request({"type": "subscribe", "channel": "dashboard"})
                 assert ack["type"] == "ack"
                 board.apply(await ws.expect("dashboard.snapshot"))
-                (old_id,) = await pubsub_ids(bus.subscription.name)
+                (old_id,) = await pubsub_client_ids(bus.subscription.name)
 
                 async def put(i: int) -> None:
                     r = await http.put(
@@ -79,7 +79,7 @@ async def test_after_a_bus_reconnect_subscribers_get_a_fresh_snapshot(tmp_path: 
 
                 writer = asyncio.create_task(write())
                 await asyncio.sleep(0.02)
-                await kill(old_id)
+                await kill_client(old_id)
                 await eventually(lambda: bus.subscription.connects == 2)
                 await eventually(lambda: bus.subscription.connected)
                 reconnected.set()
@@ -114,21 +114,3 @@ async def read_until_level(ws: WsClient, board: Board, version: int) -> None:
         except TimeoutError:
             return
         board.apply(frame)
-
-
-async def pubsub_ids(name: str) -> list[int]:
-    """The ids of the pub/sub connections named ``name`` (CLIENT SETNAME)."""
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        clients = await client.client_list(_type="pubsub")
-    finally:
-        await client.aclose()
-    return [int(c["id"]) for c in clients if c.get("name") == name]
-
-
-async def kill(client_id: int) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        await client.client_kill_filter(_id=str(client_id))
-    finally:
-        await client.aclose()

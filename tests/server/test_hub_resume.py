@@ -17,6 +17,7 @@ from tests.server.test_ws import (
     custom_server,
     delta_text,
     events_of,
+    hold_reply_endings,
     new_session,
     reply_finished,
     scripted,
@@ -185,17 +186,7 @@ async def test_a_join_while_a_reply_is_being_ended_leaves_no_gap(tmp_path: Path)
     async with custom_server(tmp_path, llm=scripted(text="a b c d ", chunk=2)) as s:
         owner = s.team.owner
         sid = await new_session(s.client, owner)
-        session_log = s.server.state.session_log
-        append = session_log.append
-        ending_stored, go_on = asyncio.Event(), asyncio.Event()
-
-        async def append_the_ending_later(session_id: str, type_: str, data: Any) -> Any:
-            if type_ == "reply.completed":
-                ending_stored.set()
-                await go_on.wait()
-            return await append(session_id, type_, data)
-
-        session_log.append = append_the_ending_later  # type: ignore[method-assign]
+        ending_stored, go_on = hold_reply_endings(s.server.state.session_log)
         a = await WsClient.connect(s.server.ws_url, owner.api_key)
         b = await WsClient.connect(s.server.ws_url, owner.api_key)
         c = await WsClient.connect(s.server.ws_url, owner.api_key)

@@ -26,6 +26,7 @@ from tests.server.test_ws import (
     custom_server,
     delta_text,
     events_of,
+    hold_reply_endings,
     new_session,
     reply_finished,
     scripted,
@@ -250,17 +251,7 @@ async def test_a_cancel_once_the_reply_is_ending_is_answered_false(tmp_path: Pat
     async with custom_server(tmp_path, llm=scripted(text="a b c d ", chunk=2)) as s:
         owner = s.team.owner
         sid = await new_session(s.client, owner)
-        session_log = s.server.state.session_log
-        append = session_log.append
-        ending, go_on = asyncio.Event(), asyncio.Event()
-
-        async def append_the_ending_later(session_id: str, type_: str, data: Any) -> Any:
-            if type_ == "reply.completed":
-                ending.set()
-                await go_on.wait()
-            return await append(session_id, type_, data)
-
-        session_log.append = append_the_ending_later  # type: ignore[method-assign]
+        ending, go_on = hold_reply_endings(s.server.state.session_log)
         ws = await WsClient.connect(s.server.ws_url, owner.api_key)
         try:
             await ws.request({"type": "join", "session_id": sid})

@@ -173,6 +173,23 @@ async def closed_with(conn: Any, timeout: float = 15) -> int | None:
     return rcvd.code if rcvd is not None else None
 
 
+def hold_reply_endings(session_log: Any) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make ``session_log`` hold each ``reply.completed`` (stored with its
+    reply by then, not yet appended) until the second event is set; the
+    first is set when one is being held."""
+    append = session_log.append
+    held, go_on = asyncio.Event(), asyncio.Event()
+
+    async def append_the_ending_later(session_id: str, type_: str, data: Any) -> Any:
+        if type_ == "reply.completed":
+            held.set()
+            await go_on.wait()
+        return await append(session_id, type_, data)
+
+    session_log.append = append_the_ending_later
+    return held, go_on
+
+
 def metric(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 

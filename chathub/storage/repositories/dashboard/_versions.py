@@ -16,7 +16,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chathub.errors import PreconditionFailed
+from chathub.errors import Conflict, PreconditionFailed
+from chathub.ids import new_id
 from chathub.storage.locks import advisory_xact_lock
 from chathub.storage.models import Base
 
@@ -46,6 +47,37 @@ async def _insert_version(
             await db.flush()
     except IntegrityError:
         return None
+    return row
+
+
+async def _insert_first_version(
+    db: AsyncSession,
+    model: type[VersionRow],
+    id_key: str,
+    fields: dict[str, Any],
+    *,
+    team_id: str,
+    session_id: str | None,
+    source_message_id: str | None,
+    author_kind: str,
+    author_id: str | None,
+) -> VersionRow:
+    """Version 1 of a new item (a fresh id under ``id_key``), written like
+    every other version: through the team's lock, before the writer counts
+    the dashboard version it announces."""
+    values = {
+        **fields,
+        id_key: new_id(),
+        "team_id": team_id,
+        "version": 1,
+        "session_id": session_id,
+        "source_message_id": source_message_id,
+        "author_kind": author_kind,
+        "author_id": author_id,
+    }
+    row = await _insert_version(db, model, values, (id_key, "version"))
+    if row is None:  # a fresh id already taken: not expected to happen
+        raise Conflict(f"{id_key} clash; try again")
     return row
 
 

@@ -11,13 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from chathub.errors import Conflict, NotFound
-from chathub.ids import new_id
 from chathub.storage.models import InsightVersion
 from chathub.storage.pagination import Page, paginate
 from chathub.storage.repositories.dashboard._validation import _check_author, _insight_fields
 from chathub.storage.repositories.dashboard._versions import (
     _KEEP,
     MAX_ATTEMPTS,
+    _insert_first_version,
     _insert_version,
     _stale,
 )
@@ -92,21 +92,17 @@ async def create_insight(
 ) -> InsightView:
     """A new insight at version 1."""
     _check_author(author_kind)
-    fields = _insight_fields({"text": text, "kind": kind})
-    values = {
-        **fields,
-        "insight_id": new_id(),
-        "team_id": team_id,
-        "version": 1,
-        "session_id": session_id,
-        "source_message_id": source_message_id,
-        "author_kind": author_kind,
-        "author_id": author_id,
-    }
-    # As for tasks: through the team's lock, like every version.
-    row = await _insert_version(db, InsightVersion, values, ("insight_id", "version"))
-    if row is None:  # a fresh id already taken: not expected to happen
-        raise Conflict("insight id clash; try again")
+    row = await _insert_first_version(
+        db,
+        InsightVersion,
+        "insight_id",
+        _insight_fields({"text": text, "kind": kind}),
+        team_id=team_id,
+        session_id=session_id,
+        source_message_id=source_message_id,
+        author_kind=author_kind,
+        author_id=author_id,
+    )
     return (await _insight_views(db, [row]))[0]
 
 

@@ -11,13 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from chathub.errors import Conflict, NotFound
-from chathub.ids import new_id
 from chathub.storage.models import TaskVersion
 from chathub.storage.pagination import Page, paginate
 from chathub.storage.repositories.dashboard._validation import _check_author, _task_fields
 from chathub.storage.repositories.dashboard._versions import (
     _KEEP,
     MAX_ATTEMPTS,
+    _insert_first_version,
     _insert_version,
     _stale,
 )
@@ -95,22 +95,17 @@ async def create_task(
 ) -> TaskView:
     """A new task at version 1."""
     _check_author(author_kind)
-    fields = _task_fields({"title": title, "owner": owner, "due": due, "status": status})
-    values = {
-        **fields,
-        "task_id": new_id(),
-        "team_id": team_id,
-        "version": 1,
-        "session_id": session_id,
-        "source_message_id": source_message_id,
-        "author_kind": author_kind,
-        "author_id": author_id,
-    }
-    # Written like every other version, so that it takes the team's lock
-    # before the writer counts the dashboard version it announces.
-    row = await _insert_version(db, TaskVersion, values, ("task_id", "version"))
-    if row is None:  # a fresh id already taken: not expected to happen
-        raise Conflict("task id clash; try again")
+    row = await _insert_first_version(
+        db,
+        TaskVersion,
+        "task_id",
+        _task_fields({"title": title, "owner": owner, "due": due, "status": status}),
+        team_id=team_id,
+        session_id=session_id,
+        source_message_id=source_message_id,
+        author_kind=author_kind,
+        author_id=author_id,
+    )
     return await _task_view(db, row)
 
 
