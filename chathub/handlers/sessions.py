@@ -171,7 +171,9 @@ def message_view(row: Message, principal: Principal) -> MessageOut:
 
 
 class MessageCreate(StrictBody):
-    content: str = Field(min_length=1, max_length=100_000)
+    # Its length limit is the server's CHATHUB_MAX_MESSAGE_CHARS, checked as
+    # on the socket (413 ``too_large``); the body limit bounds what is read.
+    content: str = Field(min_length=1)
     client_msg_id: str | None = Field(
         default=None, min_length=1, max_length=128, description="idempotency key"
     )

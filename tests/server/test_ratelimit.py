@@ -86,6 +86,12 @@ async def test_clients_get_rate_limited_with_retry_after(tmp_path: Path) -> None
                 }
             )
             assert too_long["code"] == "too_large"
+            # REST: the same limit and answer, whatever the length.
+            for length in (101, 200_000):
+                r = await client.post(
+                    f"/chat/sessions/{sid}/messages", json={"content": "x" * length}, headers=h
+                )
+                assert r.status_code == 413 and r.json()["code"] == "too_large", r.text
             for n in range(2):
                 r = await client.post(
                     f"/chat/sessions/{sid}/messages", json={"content": f"m{n}"}, headers=h
