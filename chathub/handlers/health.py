@@ -31,7 +31,7 @@ async def healthz() -> dict[str, str]:
 )
 async def metrics_endpoint(state: StateDep) -> Response:
     """Prometheus metrics of this instance (every worker's, under ``--workers``)."""
-    metrics.SEND_QUEUE_DEPTH.set(sum(c.queue_depth for c in state.hub.connections.values()))
+    state.hub.record_queue_depth()
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -229,8 +229,15 @@ class Hub:
         frame = encode({"type": "heartbeat"})
         while True:
             await asyncio.sleep(every_s)
+            # Kept current without a scrape too: under ``--workers`` a scrape
+            # reads the figure every worker last recorded.
+            self.record_queue_depth()
             for conn in tuple(self.connections.values()):
                 conn.send(frame)
+
+    def record_queue_depth(self) -> None:
+        """Set the send-queue gauge to the frames queued on this instance."""
+        metrics.SEND_QUEUE_DEPTH.set(sum(c.queue_depth for c in self.connections.values()))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -8,8 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from chathub.auth import Principal
+from chathub.server import metrics
+from chathub.server.connection import Connection
+from chathub.server.hub import Hub
+from chathub.server.session_log import MemorySessionLog
+from tests.harness import eventually
 from tests.server.test_ws import (
     custom_server,
     new_session,
@@ -90,3 +97,19 @@ async def test_cancelled_and_unrecoverable_are_counted(tmp_path: Path) -> None:
     assert grown(before, after, "chathub_replies_total", stop_reason="cancelled") == 1
     assert grown(before, after, "chathub_resumes_total", recovered="false") == 1
     assert grown(before, after, "chathub_provider_errors_total", code="overloaded") == 0
+
+
+async def test_the_send_queue_gauge_is_kept_current_between_scrapes() -> None:
+    """Each heartbeat records the frames queued on the instance (under
+    ``--workers`` a scrape reads what each worker last recorded)."""
+    hub = Hub(MemorySessionLog())
+    conn = Connection(None, "c1", Principal("m1", "t1", "member"), max_queue=100)
+    hub.register(conn)
+    try:
+        for n in range(3):
+            conn.send(f'{{"type": "x", "n": {n}}}')
+        metrics.SEND_QUEUE_DEPTH.set(0)
+        hub.start_heartbeats(0.02)
+        await eventually(lambda: (REGISTRY.get_sample_value("chathub_send_queue_depth") or 0) >= 3)
+    finally:
+        await hub.close()
