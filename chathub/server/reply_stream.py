@@ -24,7 +24,7 @@ from typing import Any
 
 from chathub.llm.guardrails import FilterOutput, HoldbackFilter, Policy
 from chathub.server import metrics
-from chathub.server.session_log import Event, SessionLog
+from chathub.server.session_log import Event, SessionLog, StaleReply
 
 AppendNow = Callable[[str, str, dict[str, Any]], Event]
 
@@ -67,6 +67,9 @@ class DeltaWriter:
         self._poll_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_write: asyncio.Task[None] | None = None
+        # Set when a write in the background found the reply no longer
+        # holds its session: the next token, or finish, raises it.
+        self._stale: StaleReply | None = None
         self._loop = asyncio.get_running_loop()
         # An in-process log appends without awaiting; see _flush_now.
         self._append_now: AppendNow | None = getattr(log, "append_now", None)
@@ -84,6 +87,8 @@ class DeltaWriter:
         """:meth:`write` without awaiting, for the per-token path: True when
         a delta is due that needs :meth:`write_due` (a log that appends by
         awaiting); else the token is fully handled."""
+        if self._stale is not None:
+            raise self._stale
         if self.blocked:
             return False
         if self.coalesce_s > 0:
@@ -153,6 +158,8 @@ class DeltaWriter:
             self._accept(out, self._loop.time())
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._stale is not None:
+            raise self._stale
         await self._flush()
 
     def _accept(self, out: FilterOutput, now: float) -> bool:
@@ -187,7 +194,13 @@ class DeltaWriter:
     def _spawn_flush(self) -> None:
         task = self._loop.create_task(self._flush())
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, StaleReply) and self._stale is None:
+            self._stale = error
 
     def _flush_later(self) -> None:
         self._flush_timer = None

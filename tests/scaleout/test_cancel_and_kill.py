@@ -29,6 +29,7 @@ from tests.scaleout.conftest import (
     scripted_llm,
     send,
     stored_reply,
+    wait_until,
 )
 from tests.wsclient import WsClient, reply_end
 
@@ -213,8 +214,9 @@ async def test_a_paused_instance_s_reply_appends_nothing_after_it_was_ended_else
     lease: another ends its reply as interrupted and the session takes its
     next reply; when the paused one wakes, the log refuses its stale deltas,
     so every socket sees the ended reply's deltas equal to its stored text
-    and the next reply's stream whole."""
-    a, b = await cluster.start(2)
+    and the next reply's stream whole. Coalesced, as by default: deltas are
+    then written by timers as well as by the stream."""
+    a, b = await cluster.start(2, coalesce_ms=30)
     session_id = await new_session(a, deployment)
     on_a = await connect(a, deployment)
     on_b = await connect(b, deployment)
@@ -244,6 +246,15 @@ async def test_a_paused_instance_s_reply_appends_nothing_after_it_was_ended_else
         assert deltas(seen, next_id) == FULL_TEXT
         stored = await stored_reply(a, deployment, session_id, reply_id)
         assert stored["status"] == "failed" and stored["content"] == end["partial"]["content"]
+        # The woken instance stopped its reply (refused by the log, or told by
+        # its lease, whichever came first), with no error left unhandled.
+        await wait_until(
+            lambda: (
+                "ended or replaced elsewhere" in b.log_tail() or "lost its lease" in b.log_tail()
+            ),
+            timeout=10,
+        )
+        assert "never retrieved" not in b.log.read_text()
     finally:
         await on_a.close()
         with contextlib.suppress(Exception):
