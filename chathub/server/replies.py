@@ -401,12 +401,15 @@ class Replies:
             if self.blobs is None or not files_repo.is_text_type(file.content_type):
                 continue
             head = await self.blobs.read_head(file.sha256, FILE_EXCERPT_CHARS * 4)
-            text = _CONTROL.sub("", head.decode("utf-8", errors="ignore"))[:FILE_EXCERPT_CHARS]
-            excerpts.append(
-                FileExcerpt(
-                    file.name, _checked_input(text, mode, f"the attached file {file.name!r}")
-                )
+            text = _CONTROL.sub("", head.decode("utf-8", errors="ignore"))
+            # Checked past the cut, then cut: a secret across the cut is
+            # redacted whole, not sent as its first half.
+            checked = _checked_input(
+                text[: FILE_EXCERPT_CHARS + EXCERPT_GUARD_MARGIN],
+                mode,
+                f"the attached file {file.name!r}",
             )
+            excerpts.append(FileExcerpt(file.name, checked[:FILE_EXCERPT_CHARS]))
         return excerpts
 
     async def _check_rate(self, principal: Principal, *texts: str) -> int:
@@ -735,12 +738,10 @@ class Replies:
             if run.dropped > 0 and not self._closing:
                 # Older turns no longer fit the prompt: fold them into the summary.
                 self.summarizer.schedule(run.team_id, run.session_id)
-            if (
-                failure is None
-                and self.extractor is not None
-                and run.mode.extraction
-                and not self._closing
-            ):
+            if failure is None and self.extractor is not None and not self._closing:
+                # Also after a turn in a mode with extraction off: the run
+                # moves past it (no model call) while the mode still says
+                # off, so turning extraction on later does not reach it.
                 self.extractor.schedule(run.team_id, run.session_id, run.provider)
 
     async def _append(self, run: ReplyRun, type_: str, data: dict[str, Any]) -> None:
@@ -879,6 +880,9 @@ def _step_system(run: ReplyRun, step_prompt: str) -> str:
         parts.append(f"{done['step']}:\n{orjson.dumps(done['output']).decode()}")
     return "\n\n".join(parts)
 
+
+EXCERPT_GUARD_MARGIN = 256
+"""Characters past an excerpt's cut that its input guardrail also reads."""
 
 # C0 controls other than tab, newline and carriage return: nothing a text
 # excerpt should hand the model.

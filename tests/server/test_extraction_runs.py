@@ -28,7 +28,15 @@ from chathub.server.extraction import Extractor
 from chathub.storage.db import transaction
 from chathub.storage.repositories import dashboard as board
 from chathub.storage.repositories import summaries
-from tests.harness import RunningServer, TeamFixture, http_client, make_team, server_on, wipe
+from tests.harness import (
+    RunningServer,
+    TeamFixture,
+    eventually,
+    http_client,
+    make_team,
+    server_on,
+    wipe,
+)
 
 # An answer that never validates: the markers are read instead.
 MARKERS = "scripted://?text=Sure.&json=" + quote(json.dumps({"tasks": [{"title": "x"}]}))
@@ -435,3 +443,27 @@ async def test_deduplication_against_many_open_tasks_does_not_stall_the_loop(
     # the speed itself is for benchmarks, not for this bound.
     assert stall < 0.5, f"the event loop stalled for {stall:.2f} s"
     assert len(await listed(client, team, "tasks")) == 1020
+
+
+async def test_a_turn_in_a_mode_without_extraction_stays_unread_when_the_mode_changes(
+    tmp_path: Path,
+) -> None:
+    """The run after a turn in an extraction-off mode moves past it while
+    the mode still says off: turning extraction on later does not reach it."""
+    async with server_on("sqlite", tmp_path, llm=MARKERS, extraction_debounce_s=0.05) as srv:
+        team = await make_team(srv.state, "Acme")
+        h = team.owner.headers
+        async with http_client(srv) as client:
+            quiet = {"name": "quiet", "system_prompt": "Be brief.", "extraction": False}
+            assert (await client.post("/modes", json=quiet, headers=h)).status_code == 201
+            sid = await new_session(client, team)
+            await say(client, team, sid, "TODO: secret reorg plan for the board", mode="quiet")
+            await eventually(lambda: srv.state.extractor.idle)
+            await asyncio.sleep(0.2)  # a debounced run would have started by now
+            await eventually(lambda: srv.state.extractor.idle)
+            quiet["extraction"] = True
+            assert (await client.put("/modes/quiet", json=quiet, headers=h)).status_code == 200
+            await say(client, team, sid, "TODO: review the public roadmap", mode="chat")
+            await asyncio.sleep(0.2)
+            await eventually(lambda: srv.state.extractor.idle)
+            assert await titles(client, team) == [("review the public roadmap", "open")]

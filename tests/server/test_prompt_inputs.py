@@ -222,3 +222,41 @@ async def test_a_mode_may_name_one_of_the_operators_providers(tmp_path: Path) ->
                 assert r.json()["reply"]["content"] == expected
     finally:
         await server.stop()
+
+
+async def test_a_secret_across_the_excerpt_cut_is_redacted_whole(
+    wired: tuple[RunningServer, Any],
+) -> None:
+    """The excerpt is cut at 4,000 characters after the guardrail has read
+    past the cut: an address across it is not sent as its first half."""
+    server, wire = wired
+    team = await make_team(server.state)
+    h = team.owner.headers
+    wire.default = TextReply(["Noted."])
+    filler = "notes " * 664  # 3,984 characters
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        sid = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
+        file_id = await _attach(
+            client, h, "long.txt", (filler + "john.smith@example.com and more").encode()
+        )
+        ws = await WsClient.connect(server.ws_url, team.owner.api_key)
+        try:
+            await ws.request({"type": "join", "session_id": sid})
+            sent = await ws.request(
+                {
+                    "type": "message.send",
+                    "session_id": sid,
+                    "client_msg_id": "m1",
+                    "content": "Summarise it",
+                    "file_ids": [file_id],
+                }
+            )
+            assert sent["type"] == "ack", sent
+            await ws.until(reply_end(sent["reply_id"]))
+        finally:
+            await ws.close()
+    body = [r.body for r in wire.requests if r.path.endswith("/v1/messages")][-1]
+    content = body["messages"][-1]["content"]
+    last = content if isinstance(content, str) else "".join(b["text"] for b in content)
+    assert "long.txt" in last and "notes notes" in last
+    assert "john.smith" not in last and "john" not in last.split("notes")[-1]
