@@ -158,6 +158,7 @@ def create_app(
             ),
         )
         app.state.chathub = state
+        state.credentials.start()
         reaper = ReplyReaper(
             settings=settings,
             sessionmaker=sessionmaker,

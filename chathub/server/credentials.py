@@ -12,10 +12,12 @@ a socket gets the same answers this way:
   every instance then checks that team's sockets against the database. A
   socket whose key or member is gone is closed with 4401; a demoted one acts
   with its new role from its next frame.
-* **A backstop.** Before a frame that reads or changes the team's data, a
-  socket whose last check is older than :data:`RECHECK_S` is checked again:
-  for an announcement that was lost (the bus is at most once) or a change
-  made outside the API.
+* **A backstop.** An announcement can be lost (the bus is at most once; the
+  database may not answer when it arrives), and a change can be made outside
+  the API. So every socket is checked again at least every
+  :data:`RECHECK_S`: by a sweep over this instance's sockets, listening or
+  not, and before a frame that reads or changes the team's data; and every
+  socket is checked at once when the bus comes back after a drop.
 """
 
 from __future__ import annotations
@@ -100,6 +102,34 @@ class SocketCredentials:
         self.hub = hub
         self.tokens = tokens
         self._unsubscribe = bus.subscribe(CHANNEL, self._on_changed)
+        self._unregister = bus.on_reconnect(self._recheck_everyone)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the sweep that checks every socket again each
+        :data:`RECHECK_S`."""
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(RECHECK_S / 2)
+            await self._recheck_everyone(checked_before=time.monotonic() - RECHECK_S)
+
+    async def _recheck_everyone(self, checked_before: float | None = None) -> None:
+        """Check this instance's sockets (those last checked before
+        ``checked_before``, or all), team by team; a team whose check fails
+        (the database did not answer) is tried again at the next sweep."""
+        for team_id in self.hub.team_ids():
+            conns = [
+                c
+                for c in self.hub.team_connections(team_id)
+                if checked_before is None or c.checked_at <= checked_before
+            ]
+            try:
+                for conn in await self._recheck(team_id, conns):
+                    conn.close_soon(CLOSE_UNAUTHORIZED, REVOKED)
+            except Exception as exc:
+                log.warning("could not check the sockets of team %s: %r", team_id, exc)
 
     # -- a socket's life ----------------------------------------------------
 
@@ -173,12 +203,7 @@ class SocketCredentials:
         if not by_credential:
             return []
         async with self.sessionmaker() as db:
-            roles = {
-                credential: await teams.current_role(
-                    db, team_id=team_id, member_id=credential[0], api_key_id=credential[1]
-                )
-                for credential in by_credential
-            }
+            roles = await teams.current_roles(db, team_id=team_id, credentials=by_credential)
         now = time.monotonic()
         gone = []
         for credential, group in by_credential.items():
@@ -210,5 +235,8 @@ class SocketCredentials:
 
     def close(self) -> None:
         self._unsubscribe()
+        self._unregister()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for conn in self.hub.connections.values():
             self.forget(conn)

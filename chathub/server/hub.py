@@ -53,6 +53,10 @@ class Hub:
             self.leave(conn, session_id)
         self.unsubscribe_dashboard(conn)
 
+    def team_ids(self) -> list[str]:
+        """The teams with a registered socket here."""
+        return list(self._by_team)
+
     def team_connections(self, team_id: str) -> list[Connection]:
         """The registered sockets of ``team_id``."""
         return list(self._by_team.get(team_id, ()))

@@ -17,6 +17,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from chathub.server import credentials
+from chathub.server.redis_bus import RedisBus
 from chathub.storage.db import transaction
 from chathub.storage.repositories import teams
 from tests.harness import (
@@ -30,9 +31,11 @@ from tests.harness import (
     eventually,
     make_team,
     pg_url,
+    server_on,
     start_server,
     test_settings,
 )
+from tests.server.test_session_log_contract import kill_client, pubsub_client_ids
 from tests.wsclient import WsClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -307,4 +310,56 @@ async def test_a_revocation_on_one_replica_closes_the_sockets_on_another(
     finally:
         for server in servers:
             await server.stop()
+        await drop_pg_database(name)
+
+
+async def test_a_listening_socket_is_checked_again_without_any_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change nobody announced (made in the database directly, or an
+    announcement lost while the database did not answer) reaches a socket
+    that only listens: the sweep checks every socket again each RECHECK_S."""
+    monkeypatch.setattr(credentials, "RECHECK_S", 0.3)
+    async with server_on("sqlite", tmp_path) as srv:
+        team = await make_team(srv.state, "Acme")
+        member = await team.actor("member")
+        ws = await WsClient.connect(srv.ws_url, member.api_key)
+        try:
+            async with transaction(srv.state.sessionmaker) as db:
+                key = await teams.get_api_key(db, team_id=team.team_id, key_id=member.api_key_id)
+                await teams.revoke_api_key(db, key)
+            assert await closed_with(ws) == (4401, "credentials revoked")
+        finally:
+            await ws.conn.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_every_socket_is_checked_again_when_the_bus_comes_back(tmp_path: Path) -> None:
+    """An announcement published while this instance's bus connection was
+    down never arrives: once the bus is back, every socket is checked."""
+    name = await create_pg_database()
+    try:
+        settings = test_settings(pg_url(name), tmp_path, redis_url=REDIS_URL)
+        srv = await start_server(settings)
+        try:
+            team = await make_team(srv.state, "Acme")
+            member = await team.actor("member")
+            ws = await WsClient.connect(srv.ws_url, member.api_key)
+            try:
+                async with transaction(srv.state.sessionmaker) as db:
+                    key = await teams.get_api_key(
+                        db, team_id=team.team_id, key_id=member.api_key_id
+                    )
+                    await teams.revoke_api_key(db, key)
+                bus = srv.state.bus
+                assert isinstance(bus, RedisBus)
+                (client_id,) = await pubsub_client_ids(bus.subscription.name)
+                await kill_client(client_id)
+                assert await closed_with(ws, timeout=15) == (4401, "credentials revoked")
+            finally:
+                await ws.conn.close()
+        finally:
+            await srv.stop()
+    finally:
         await drop_pg_database(name)

@@ -17,7 +17,7 @@ deadlocked pair), the aborted one gets :class:`Conflict` too, never a 500.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -344,20 +344,48 @@ async def current_role(
 ) -> str | None:
     """The role a token of this member (and key) may still use now: the
     lower of the member's and the key's; None when either is gone."""
-    role = await session.scalar(
-        select(Member.role).where(
-            Member.id == member_id, Member.team_id == team_id, Member.deleted_at.is_(None)
-        )
+    roles = await current_roles(session, team_id=team_id, credentials=[(member_id, api_key_id)])
+    return roles[member_id, api_key_id]
+
+
+async def current_roles(
+    session: AsyncSession,
+    *,
+    team_id: str,
+    credentials: Collection[tuple[str, str | None]],
+) -> dict[tuple[str, str | None], str | None]:
+    """:func:`current_role` of each (member, key) pair of ``team_id``, in two
+    statements whatever their number."""
+    member_ids = {member for member, _ in credentials}
+    key_ids = {key for _, key in credentials if key is not None}
+    members = dict(
+        (
+            await session.execute(
+                select(Member.id, Member.role).where(
+                    Member.id.in_(member_ids),
+                    Member.team_id == team_id,
+                    Member.deleted_at.is_(None),
+                )
+            )
+        ).all()
     )
-    if role is None or api_key_id is None:
-        return role
-    key_role = await session.scalar(
-        select(ApiKey.role).where(
-            ApiKey.id == api_key_id,
-            ApiKey.member_id == member_id,
-            ApiKey.revoked_at.is_(None),
+    keys: dict[str, tuple[str, str]] = {}
+    if key_ids:
+        rows = await session.execute(
+            select(ApiKey.id, ApiKey.member_id, ApiKey.role).where(
+                ApiKey.id.in_(key_ids), ApiKey.revoked_at.is_(None)
+            )
         )
-    )
-    if key_role is None:
-        return None
-    return min(role, key_role, key=ROLE_RANK.__getitem__)
+        keys = {key_id: (member, role) for key_id, member, role in rows.all()}
+    roles: dict[tuple[str, str | None], str | None] = {}
+    for member_id, key_id in credentials:
+        role = members.get(member_id)
+        if role is not None and key_id is not None:
+            key = keys.get(key_id)
+            role = (
+                min(role, key[1], key=ROLE_RANK.__getitem__)
+                if key is not None and key[0] == member_id
+                else None
+            )
+        roles[member_id, key_id] = role
+    return roles
