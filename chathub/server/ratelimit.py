@@ -6,7 +6,8 @@ script, atomic) when several instances must share the limit.
 costs ``cost`` units; it is refused, with the seconds to wait, when the bucket
 cannot hold it. A refused call costs nothing. ``charge`` records a cost known
 only afterwards (the tokens a reply used) even past the limit: the bucket
-owes it, and the next calls wait until it is paid back.
+owes it, and the next calls wait until it is paid back; a negative cost
+gives back what a call took.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ if tat < now then tat = now end
 local new_tat = tat + cost * interval
 local allow_at = new_tat - period
 if allow_at <= now or force then
-  redis.call('SET', key, new_tat, 'PX', math.ceil((new_tat - now) * 1000) + 1000)
+  local ttl = math.max(1, math.ceil((new_tat - now) * 1000) + 1000)
+  redis.call('SET', key, new_tat, 'PX', ttl)
   return {1, '0'}
 end
 return {0, tostring(allow_at - now)}

@@ -93,6 +93,15 @@ class SendResult:
 
 
 @dataclass
+class Charge:
+    """What the rate limits took for one message: its estimated tokens, and
+    each bucket's cost (key, cost, limit), to give back if it is not sent."""
+
+    tokens: int
+    taken: list[tuple[str, float, int]] = field(default_factory=list)
+
+
+@dataclass
 class ReplyRun:
     """A reply being generated on this instance."""
 
@@ -225,14 +234,18 @@ class Replies:
         file_ids: list[str] | None,
     ) -> SendResult:
         leased: list[str] = []  # the reply whose lease this call took, if any
+        charged: list[Charge] = []  # what the rate limits took for it, if anything
         try:
             return await self._store_and_start(
-                principal, session_id, client_msg_id, content, mode_name, file_ids, leased
+                principal, session_id, client_msg_id, content, mode_name, file_ids, leased, charged
             )
         except BaseException as exc:
             if leased:
                 with contextlib.suppress(Exception):
                     await self.leases.release(session_id, leased[0])
+            if charged:  # nothing was sent: nothing is owed
+                with contextlib.suppress(Exception):
+                    await self._refund(charged[0])
             if isinstance(exc, IntegrityError):
                 # The same message, sent at once to another instance, was
                 # stored first: answer as to a resend.
@@ -306,6 +319,7 @@ class Replies:
         mode_name: str | None,
         file_ids: list[str] | None,
         leased: list[str],
+        charged: list[Charge],
     ) -> SendResult:
         async with transaction(self.sessionmaker) as db:
             chat, sent = await repo.session_for_send(
@@ -337,7 +351,8 @@ class Replies:
             ]
             attached.sort(key=lambda f: f.created_at, reverse=True)  # newest first
             excerpts = await self._excerpts(attached, mode)
-            charged = await self._check_rate(principal, content, *(e.text for e in excerpts))
+            charge = await self._check_rate(principal, content, *(e.text for e in excerpts))
+            charged.append(charge)
             # Ids now, in order (a message sorts before its reply), so that the
             # lease can name the reply before anything is stored.
             message_id, reply_id = new_id(), new_id()
@@ -383,7 +398,7 @@ class Replies:
             summary=summary.text if summary else None,
             files=excerpts,
             member_id=principal.member_id,
-            charged_tokens=charged,
+            charged_tokens=charge.tokens,
         )
         self.runs[run.reply_id] = run
         self._by_session[session_id] = run
@@ -412,12 +427,13 @@ class Replies:
             excerpts.append(FileExcerpt(file.name, checked[:FILE_EXCERPT_CHARS]))
         return excerpts
 
-    async def _check_rate(self, principal: Principal, *texts: str) -> int:
+    async def _check_rate(self, principal: Principal, *texts: str) -> Charge:
         """Per-user and per-team limits on messages and on the model's tokens
         (``RATE_PERIOD_S``). A message is refused while its sender or team
         is over either. Its own tokens (the message's and its attachments',
         estimated) are taken now; what its reply used beyond them, when the
-        reply ends (:meth:`_charge_usage`). Returns the tokens taken.
+        reply ends (:meth:`_charge_usage`). Returns what was taken; a message
+        refused here, or later before it is sent, takes nothing.
 
         One message is allowed up to the whole limit, so that a message
         larger than the limit is not refused for ever."""
@@ -429,23 +445,33 @@ class Replies:
             ("tokens", f"tok:u:{principal.member_id}", tokens, s.rate_user_tokens),
             ("tokens", f"tok:t:{principal.team_id}", tokens, s.rate_team_tokens),
         ]
+        charge = Charge(tokens)
         decisions: list[Decision] = []
         refused: list[str] = []
         for what, key, cost, limit in checks:
             if limit > 0:
+                taken = min(cost, limit)
                 decision = await self.limiter.hit(
-                    key, cost=min(cost, limit), limit=limit, period_s=RATE_PERIOD_S
+                    key, cost=taken, limit=limit, period_s=RATE_PERIOD_S
                 )
                 decisions.append(decision)
-                if not decision.allowed and what not in refused:
+                if decision.allowed:
+                    charge.taken.append((key, taken, limit))
+                elif what not in refused:
                     refused.append(what)
         wait = retry_after(decisions)
         if wait is not None:
+            await self._refund(charge)
             raise RateLimited(
                 f"too many {' and '.join(refused)} this minute; try again later",
                 retry_after_s=wait,
             )
-        return tokens
+        return charge
+
+    async def _refund(self, charge: Charge) -> None:
+        """Give back what :meth:`_check_rate` took."""
+        for key, taken, limit in charge.taken:
+            await self.limiter.charge(key, cost=-taken, limit=limit, period_s=RATE_PERIOD_S)
 
     async def _charge_usage(self, run: ReplyRun, usage: Usage) -> None:
         """The tokens the reply used (its prompt and its output) beyond those

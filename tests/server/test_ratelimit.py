@@ -152,3 +152,34 @@ async def test_the_token_limit_counts_what_the_model_read_and_wrote(tmp_path: Pa
             assert "messages" not in body["detail"]
     finally:
         await server.stop()
+
+
+async def test_a_refused_message_takes_nothing_from_any_limit(tmp_path: Path) -> None:
+    """One member over the token limit, retrying, does not use up the
+    team's message limit: a refused message gives back what it took."""
+    server = await start_server(
+        test_settings(
+            f"sqlite+aiosqlite:///{tmp_path / 'n.db'}",
+            tmp_path,
+            llm="scripted://?text=" + "word%20" * 400,
+            rate_user_tokens=300,
+            rate_team_messages=3,
+        )
+    )
+    try:
+        team = await make_team(server.state)
+        other = await team.actor("member")
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            sid = (await client.post("/chat/sessions", json={}, headers=team.owner.headers)).json()[
+                "id"
+            ]
+            post = f"/chat/sessions/{sid}/messages"
+            first = await client.post(post, json={"content": "hi"}, headers=team.owner.headers)
+            assert first.status_code == 201, first.text
+            for _ in range(5):  # over the token limit now: refused each time
+                r = await client.post(post, json={"content": "again"}, headers=team.owner.headers)
+                assert r.status_code == 429 and "tokens" in r.json()["detail"], r.text
+            theirs = await client.post(post, json={"content": "me?"}, headers=other.headers)
+            assert theirs.status_code == 201, theirs.text
+    finally:
+        await server.stop()
