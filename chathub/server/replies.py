@@ -16,6 +16,7 @@ import functools
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -80,6 +81,8 @@ from chathub.wire import message_view, stored_file_ids
 log = logging.getLogger("chathub.replies")
 
 CANCEL_CHANNEL = "reply.cancel"
+EARLY_CANCELS_KEPT = 1000
+"""Cancels of replies not (yet) running here that are remembered."""
 RATE_PERIOD_S = 60.0
 """The period of the rate limits: their numbers are per minute."""
 
@@ -170,6 +173,8 @@ class Replies:
         self.bus = bus
         self.provider = provider
         self._named = named_providers or {}
+        # Replies whose cancel arrived before they were started here.
+        self._early_cancels: OrderedDict[str, None] = OrderedDict()
         self.runs: dict[str, ReplyRun] = {}
         self._by_session: dict[str, ReplyRun] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -402,6 +407,9 @@ class Replies:
         )
         self.runs[run.reply_id] = run
         self._by_session[session_id] = run
+        if run.reply_id in self._early_cancels:  # cancelled between its commit and now
+            del self._early_cancels[run.reply_id]
+            run.cancelled = True
         # The events, ``message.created`` first, are appended by the task, so
         # that the sender's ack (queued when this returns) comes before them.
         run.task = asyncio.create_task(self._run(run, view), name=f"reply-{run.reply_id}")
@@ -527,8 +535,14 @@ class Replies:
         return True
 
     async def _on_cancel_message(self, message: dict[str, Any]) -> None:
-        run = self.runs.get(str(message.get("reply_id")))
-        if run is not None and not run.ending:
+        reply_id = str(message.get("reply_id"))
+        run = self.runs.get(reply_id)
+        if run is None:
+            # Maybe stored and not yet started here: it stops as it starts.
+            self._early_cancels[reply_id] = None
+            while len(self._early_cancels) > EARLY_CANCELS_KEPT:
+                self._early_cancels.popitem(last=False)
+        elif not run.ending:
             self._stop(run)
 
     def _stop(self, run: ReplyRun) -> None:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from chathub.storage.models import Message
 from chathub.storage.repositories import sessions as sessions_repo
 from tests.harness import (
     REDIS_URL,
@@ -132,3 +134,48 @@ async def test_deleting_a_session_stops_its_reply_on_either_replica(
         stored = await sessions_repo.reply_by_id(db, reply_id=reply_id)
     assert stored is not None
     assert (stored.status, stored.stop_reason, stored.content) == ("complete", "cancelled", partial)
+
+
+async def test_a_session_deleted_while_a_message_is_sent_to_it_keeps_no_running_reply(
+    replicas: tuple[RunningServer, RunningServer],
+) -> None:
+    """A send and a delete at the same moment, on two replicas, many times:
+    either the send is refused (the session is gone) or its reply is stopped
+    by the delete. No reply of a deleted session runs to its end."""
+    a, b = replicas
+    team = await make_team(a.state)
+    h = team.owner.headers
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=30) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=30) as on_b,
+    ):
+        sessions = [await new_session(on_a, team.owner) for _ in range(25)]
+
+        async def delete_after(sid: str, delay_s: float) -> None:
+            await asyncio.sleep(delay_s)
+            await on_b.delete(f"/chat/sessions/{sid}", headers=h)
+
+        for n, sid in enumerate(sessions):
+            # From the delete well first to the send well first, through a tie.
+            await asyncio.gather(
+                on_a.post(
+                    f"/chat/sessions/{sid}/messages",
+                    json={"content": "hello"},
+                    headers=h | {"accept": "text/event-stream"},
+                ),
+                delete_after(sid, (n % 5) * 0.005),
+            )
+        deadline = time.monotonic() + REPLY_S + 10
+        while True:
+            async with a.state.sessionmaker() as db:
+                stops = list(
+                    await db.scalars(
+                        select(Message.stop_reason).where(
+                            Message.session_id.in_(sessions), Message.role == "assistant"
+                        )
+                    )
+                )
+            if None not in stops or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+    assert stops and set(stops) <= {"cancelled"}, stops

@@ -30,9 +30,11 @@ _SENT_WITH_CLIENT_MSG_ID = (
     Message.session_id == bindparam("session_id"),
     Message.client_msg_id == bindparam("client_msg_id"),
 )
+# FOR SHARE (PostgreSQL): a delete of the session waits until the send has
+# committed, and then finds (and stops) the reply the send started.
 _SESSION_AND_SENT = _GET_SESSION.add_columns(
     select(Message.id).where(*_SENT_WITH_CLIENT_MSG_ID).scalar_subquery()
-)
+).with_for_update(read=True, of=ChatSession)
 _BY_CLIENT_MSG_ID = select(Message).where(*_SENT_WITH_CLIENT_MSG_ID)
 _INSERT_MESSAGES = insert(_messages)
 _FINISH_REPLY = (
