@@ -265,11 +265,12 @@ async def _provenance(
 async def _announce(
     state: AppState, db: AsyncSession, team_id: str, kind: str, item: BaseModel
 ) -> None:
-    """Push ``dashboard.updated`` to subscribers once the transaction has
-    committed. Only after a write: the write took the team's dashboard lock,
-    so the version counted here is this change's own."""
+    """Push ``dashboard.updated`` to subscribers, from inside the write's
+    transaction. Only after a write: the write took the team's dashboard
+    lock, so the version counted here is this change's own, and updates go
+    out in version order (see ``chathub.server.dashboards``)."""
     version = await repo.dashboard_version(db, team_id=team_id)
-    state.dashboards.announce(db, team_id, version, {kind: [item.model_dump(mode="json")]})
+    await state.dashboards.publish(team_id, version, {kind: [item.model_dump(mode="json")]})
 
 
 @router.post("/tasks", status_code=201, responses=errors(403))

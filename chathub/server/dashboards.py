@@ -3,13 +3,14 @@ instance's subscribed sockets through the bus.
 
 Order
     A client ignores an update whose version is not above the one it holds,
-    so updates must go out in the order their versions were counted. A
+    so updates must reach it in the order their versions were counted. A
     writer counts its version while its transaction holds the team's
-    dashboard lock, and hands its update to :meth:`Dashboards.announce`
-    right then: the updates of a team queue here in version order, each is
-    published once its transaction has committed (dropped if it does not),
-    and none before those ahead of it. Across instances only the moment
-    between a commit and its publish can reorder two updates.
+    dashboard lock (taken by its write) and publishes its update then, from
+    inside that transaction (:meth:`Dashboards.publish`): the next writer
+    of the team, on any instance, counts its version only after this one
+    has committed, and so publishes after this update is out. Should a
+    commit fail after its publish, subscribers were told of a change that
+    did not happen, until their next snapshot.
 
 Bus reconnections
     The bus is at most once: what is published while this instance's
@@ -21,15 +22,11 @@ Bus reconnections
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections import deque
 from collections.abc import Awaitable
 from typing import Any
 
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, SessionTransaction
 
 from chathub.server.bus import Bus
 from chathub.server.frames import encode
@@ -41,18 +38,6 @@ log = logging.getLogger("chathub.dashboards")
 CHANNEL = "dashboard"
 
 
-class _Update:
-    __slots__ = ("committed", "message", "sent", "version")
-
-    def __init__(
-        self, team_id: str, version: int, changes: dict[str, Any], *, committed: bool
-    ) -> None:
-        self.version = version
-        self.message = {"team_id": team_id, "version": version, **changes}
-        self.committed = committed
-        self.sent = asyncio.Event()
-
-
 class Dashboards:
     def __init__(
         self, *, sessionmaker: async_sessionmaker[AsyncSession], bus: Bus, hub: Hub
@@ -60,10 +45,6 @@ class Dashboards:
         self.sessionmaker = sessionmaker
         self.bus = bus
         self.hub = hub
-        # team -> its updates not published yet, in version order.
-        self._outbox: dict[str, deque[_Update]] = {}
-        # team -> the task publishing its updates, while there is one.
-        self._senders: dict[str, asyncio.Task[None]] = {}
         self._reconnections = 0
         self._unsubscribe = bus.subscribe(CHANNEL, self._on_update)
         self._unregister = bus.on_reconnect(self._on_reconnect)
@@ -79,80 +60,15 @@ class Dashboards:
             if reconnections == self._reconnections:
                 return {"type": "dashboard.snapshot", **view.as_dict()}
 
-    def announce(
-        self, db: AsyncSession, team_id: str, version: int, changes: dict[str, Any]
-    ) -> None:
-        """Publish ``changes`` at ``version`` once ``db``'s transaction has
-        committed; nothing if it rolls back. Call it right after counting
-        ``version`` in that transaction, once it has written (and so holds
-        the team's dashboard lock)."""
-        update = _Update(team_id, version, changes, committed=False)
-        session = db.sync_session
-        root = session.get_transaction()
-        if root is None:
-            raise RuntimeError("announce() needs the transaction that made the change")
-        self._queue(team_id, update)
-
-        def committed(session: Session) -> None:
-            if not session.in_nested_transaction():  # not a savepoint's release
-                update.committed = True
-
-        def ended(session: Session, transaction: SessionTransaction) -> None:
-            if transaction is not root:
-                return
-            if not update.committed:
-                self._drop(team_id, update)
-            self._pump(team_id)
-
-        event.listen(session, "after_commit", committed)
-        event.listen(session, "after_transaction_end", ended)
-
     async def publish(self, team_id: str, version: int, changes: dict[str, Any]) -> None:
-        """Tell every instance's subscribers of ``team_id`` what changed, for
-        a change already committed; returns once it is published. It goes
-        out in version order with the updates still queued here."""
-        update = _Update(team_id, version, changes, committed=True)
-        self._queue(team_id, update)
-        self._pump(team_id)
-        await update.sent.wait()
-
-    def _queue(self, team_id: str, update: _Update) -> None:
-        queue = self._outbox.setdefault(team_id, deque())
-        at = len(queue)
-        while at and queue[at - 1].version > update.version:
-            at -= 1
-        queue.insert(at, update)
-
-    def _drop(self, team_id: str, update: _Update) -> None:
-        queue = self._outbox.get(team_id)
-        if queue is not None and update in queue:
-            queue.remove(update)
-            if not queue and team_id not in self._senders:
-                del self._outbox[team_id]
-
-    def _pump(self, team_id: str) -> None:
-        """Start publishing the team's committed updates at the head of its
-        queue, unless that is under way."""
-        queue = self._outbox.get(team_id)
-        if team_id in self._senders or not queue or not queue[0].committed:
-            return
-        task = asyncio.get_running_loop().create_task(self._send(team_id, queue))
-        self._senders[team_id] = task
-
-    async def _send(self, team_id: str, queue: deque[_Update]) -> None:
+        """Tell every instance's subscribers of ``team_id`` what changed.
+        Call it from inside the writer's transaction, once it has written and
+        counted ``version`` (see Order above). A publish that fails is logged
+        and the write goes on: the update is lost, as one the bus drops."""
         try:
-            while queue and queue[0].committed:
-                update = queue.popleft()
-                try:
-                    await self.bus.publish(CHANNEL, update.message)
-                except Exception:
-                    log.exception("a dashboard update of team %s was not published", team_id)
-                finally:
-                    update.sent.set()
-        finally:
-            del self._senders[team_id]
-            if not queue:
-                self._outbox.pop(team_id, None)
+            await self.bus.publish(CHANNEL, {"team_id": team_id, "version": version, **changes})
+        except Exception:
+            log.exception("a dashboard update of team %s was not published", team_id)
 
     def _on_update(self, message: dict[str, Any]) -> None:
         team_id = message.pop("team_id", None)
@@ -182,5 +98,3 @@ class Dashboards:
     def close(self) -> None:
         self._unsubscribe()
         self._unregister()
-        for task in list(self._senders.values()):
-            task.cancel()

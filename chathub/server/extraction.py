@@ -347,8 +347,8 @@ class Extractor:
                 changes = {k: v for k, v in changed.items() if v}
                 if changes:
                     version = await board.dashboard_version(db, team_id=team_id)
-                    # Published once this commits, in version order.
-                    self.dashboards.announce(db, team_id, version, changes)
+                    # Published under the team's lock: in version order.
+                    await self.dashboards.publish(team_id, version, changes)
         except _Superseded:  # rolled back: nothing of this batch is written
             log.info("extraction of session %s superseded", session_id)
             return {}
@@ -384,7 +384,7 @@ class Extractor:
         async with transaction(self.sessionmaker) as db:
             summary = await board.add_summary(db, team_id=team_id, text=text)
             version = await board.dashboard_version(db, team_id=team_id)
-            self.dashboards.announce(db, team_id, version, {"summary": asdict(summary)})
+            await self.dashboards.publish(team_id, version, {"summary": asdict(summary)})
 
     @property
     def idle(self) -> bool:

@@ -1,10 +1,11 @@
-"""``Dashboards``: updates go out in version order once their transaction
-commits (none if it rolls back), and a bus reconnection brings subscribers a
-fresh snapshot; on the running server's database (SQLite and PostgreSQL)."""
+"""``Dashboards``: updates go out in version order, also from two
+instances, and a bus reconnection brings subscribers a fresh snapshot; on
+the running server's database (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,10 +19,11 @@ from chathub.server.bus import MemoryBus
 from chathub.server.connection import Connection
 from chathub.server.dashboards import CHANNEL, Dashboards
 from chathub.server.hub import Hub
+from chathub.server.redis_bus import RedisBus
 from chathub.server.session_log import MemorySessionLog
 from chathub.storage.db import transaction
 from chathub.storage.repositories import dashboard as repo
-from tests.harness import RunningServer, TeamFixture
+from tests.harness import REDIS_URL, RunningServer, TeamFixture, eventually
 
 ReconnectHandler = Callable[[], Awaitable[None] | None]
 
@@ -44,42 +46,49 @@ class ReconnectingBus(MemoryBus):
                 await result
 
 
-def published(bus: MemoryBus) -> list[int]:
-    versions: list[int] = []
-    bus.subscribe(CHANNEL, lambda message: versions.append(message["version"]))
-    return versions
-
-
-async def test_updates_wait_for_their_commit_and_those_before_them(
+@pytest.mark.redis
+async def test_updates_of_two_instances_go_out_in_version_order(
     clean_server: RunningServer, team: TeamFixture
 ) -> None:
+    """Two instances write to one team's dashboard at once: the first holds
+    the team's lock and takes its time to commit, the second waits for the
+    lock. The first's update is out before the second counts its version,
+    so every subscriber sees them in version order."""
+    if clean_server.settings.embedded:
+        pytest.skip("one writer at a time on SQLite: there is no second instance")
     sm = clean_server.state.sessionmaker
-    team_id = team.team_id
-    bus = MemoryBus()
-    versions = published(bus)
-    dashboards = Dashboards(sessionmaker=sm, bus=bus, hub=Hub(MemorySessionLog()))
-    try:
-        async with transaction(sm) as db:
-            dashboards.announce(db, team_id, 5, {"states": []})
-            async with db.begin_nested():  # a savepoint's release is no commit
-                await write_state(db, team_id)
-            # Counted after it, committed before it: still published after it.
-            later = asyncio.create_task(dashboards.publish(team_id, 6, {"states": []}))
-            other_team = asyncio.create_task(dashboards.publish("t2", 1, {"states": []}))
-            await asyncio.wait_for(other_team, 5)
-            await asyncio.sleep(0.05)
-            assert versions == [1] and not later.done()
-        await asyncio.wait_for(later, 5)
-        assert versions == [1, 5, 6]
+    prefix = f"chathub-test-{secrets.token_hex(4)}"
+    buses = [RedisBus(REDIS_URL, prefix=prefix) for _ in range(3)]
+    for bus in buses:
+        await bus.start()
+    a, b = (Dashboards(sessionmaker=sm, bus=bus, hub=Hub(MemorySessionLog())) for bus in buses[:2])
+    seen: list[int] = []
+    buses[2].subscribe(CHANNEL, lambda message: seen.append(message["version"]))
+    locked = asyncio.Event()
 
-        with pytest.raises(RuntimeError):
-            async with transaction(sm) as db:
-                dashboards.announce(db, team_id, 7, {"states": []})
-                raise RuntimeError("rolled back")
-        await asyncio.wait_for(dashboards.publish(team_id, 8, {"states": []}), 5)
-        assert versions == [1, 5, 6, 8]
+    async def write(dashboards: Dashboards, key: str, hold_s: float) -> int:
+        async with transaction(sm) as db:
+            await repo.set_state(
+                db, team_id=team.team_id, key=key, value=1, author_kind="user", updated_by=None
+            )
+            locked.set()
+            version = await repo.dashboard_version(db, team_id=team.team_id)
+            await dashboards.publish(team.team_id, version, {"states": []})
+            await asyncio.sleep(hold_s)  # a slow commit
+        return version
+
+    try:
+        first = asyncio.create_task(write(a, "first", 0.3))
+        await locked.wait()
+        second = await write(b, "second", 0)
+        assert (await first) < second
+        await eventually(lambda: len(seen) == 2)
+        assert seen == sorted(seen), seen
     finally:
-        dashboards.close()
+        a.close()
+        b.close()
+        for bus in buses:
+            await bus.close()
 
 
 async def test_a_reconnection_sends_each_subscriber_a_fresh_snapshot(
