@@ -66,9 +66,11 @@ def worker_app() -> Any:
     """The app of one ``chathub serve --workers N`` worker process, built
     from the environment as the parent's was (which checked it)."""
     from chathub.server.app import create_app
+    from chathub.server.metrics import forget_dead_workers
 
     settings = Settings()
     logs.configure(settings.log_level, settings.log_format)
+    forget_dead_workers()
     return create_app(settings, freeze_heap=True)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -71,6 +72,29 @@ def exposition() -> bytes:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
     return generate_latest()
+
+
+def forget_dead_workers() -> None:
+    """A worker starting (uvicorn replaces one that died) drops the live
+    gauges of workers that are gone without stopping: killed, they never ran
+    :func:`process_exiting`, and their open sockets would count for ever."""
+    directory = os.environ.get(MULTIPROCESS_DIR)
+    if not directory:
+        return
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid))  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def process_exiting() -> None:

@@ -24,6 +24,7 @@ from tests.scaleout.conftest import (
     reap,
     send,
     spawn_serve,
+    wait_until,
 )
 from tests.wsclient import reply_end
 
@@ -53,6 +54,11 @@ async def scrape(url: str) -> dict[str, float]:
         if line and not line.startswith("#") and "{" not in name:
             samples[name] = float(value)
     return samples
+
+
+async def scrape_value(url: str, name: str, expected: float) -> bool:
+    """Whether two scrapes in a row (likely from two workers) read ``expected``."""
+    return all([(await scrape(url)).get(name) == expected for _ in range(2)])
 
 
 def is_worker(pid: int) -> bool:
@@ -97,6 +103,29 @@ async def test_workers_serve_one_port_and_share_sessions(
         assert all(s == seen[0] for s in seen)
         assert_contiguous(seen[0])
         assert seen[0][-1]["type"] == "reply.completed"
+
+        # A worker killed with its sockets open: uvicorn starts another, and
+        # the dead one's sockets no longer count.
+        held = [await connect(server, deployment) for _ in range(6)]
+        await wait_until(lambda: scrape_value(server.url, "chathub_open_sockets", 6.0), timeout=10)
+        os.kill(workers[0], signal.SIGKILL)
+        await wait_until(
+            lambda: (
+                len([p for p in children(server.proc.pid) if is_worker(p)]) == 3
+                and workers[0] not in children(server.proc.pid)
+            ),
+            timeout=30,
+            what="a new worker",
+        )
+        for ws in held:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        await wait_until(
+            lambda: scrape_value(server.url, "chathub_open_sockets", 0.0),
+            timeout=20,
+            what="the dead worker's sockets to stop counting",
+        )
+        workers = [pid for pid in children(server.proc.pid) if is_worker(pid)]
     finally:
         # uvicorn's supervisor sees the signal between health checks of its
         # workers (up to 5 s each when the machine is busy), then stops them.
