@@ -165,6 +165,11 @@ async def test_bad_command_line_exits_non_zero(tmp_path: Path) -> None:
             "CHATHUB_LLM_PROVIDERS['cheap']",
         ),
         ("CHATHUB_LLM_PROVIDERS", '{"odd": "scripted://?nope=1"}', "CHATHUB_LLM_PROVIDERS['odd']"),
+        (
+            "CHATHUB_LLM_PROVIDERS",
+            '{"new": "bogus://m"}',
+            "CHATHUB_LLM_PROVIDERS['new']='bogus://m'",
+        ),
         ("CHATHUB_LOG_LEVEL", "loud", "CHATHUB_LOG_LEVEL"),
     ],
 )

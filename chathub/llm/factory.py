@@ -24,13 +24,13 @@ from chathub.llm.base import LLMProvider
 SCHEMES = ("local", "anthropic", "openai", "scripted")
 
 
-def create_provider(url: str, *, n_ctx: int = 4096) -> LLMProvider:
+def create_provider(url: str, *, n_ctx: int = 4096, setting: str = "CHATHUB_LLM") -> LLMProvider:
     """A new, unopened provider for ``url``; ``n_ctx`` is the context window of
     the local model and ignored by the others.
 
     Cheap: no network or model load happens here (the local model loads on first
     use). Raises :class:`ConfigError` for an unknown scheme or bad parameters,
-    with a message that says what to change.
+    with a message that says what to change (in ``setting``).
     """
     scheme = urlsplit(url).scheme.lower()
     if scheme == "scripted":
@@ -50,7 +50,7 @@ def create_provider(url: str, *, n_ctx: int = 4096) -> LLMProvider:
 
         return LocalProvider.from_url(url, n_ctx=n_ctx)
     raise ConfigError(
-        f"CHATHUB_LLM={url!r}: unknown provider scheme {scheme!r}; "
+        f"{setting}={url!r}: unknown provider scheme {scheme!r}; "
         f"supported: {', '.join(s + '://' for s in SCHEMES)}"
     )
 
@@ -64,10 +64,13 @@ def create_providers(
     of failing every message of a mode that uses it."""
     providers = {}
     for name, url in named.items():
+        setting = f"CHATHUB_LLM_PROVIDERS[{name!r}]"
         try:
-            providers[name] = create_provider(url)
+            providers[name] = create_provider(url, setting=setting)
         except ConfigError as exc:
-            raise ConfigError(f"CHATHUB_LLM_PROVIDERS[{name!r}]: {exc}") from exc
+            if setting in str(exc):
+                raise
+            raise ConfigError(f"{setting}: {exc}") from exc
     return create_provider(default), providers
 
 
