@@ -8,6 +8,7 @@ import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -23,7 +24,7 @@ from chathub.server.redis_bus import RedisBus
 from chathub.server.session_log import MemorySessionLog
 from chathub.storage.db import transaction
 from chathub.storage.repositories import dashboard as repo
-from tests.harness import REDIS_URL, RunningServer, TeamFixture, eventually
+from tests.harness import REDIS_URL, RunningServer, TeamFixture, eventually, make_team, server_on
 
 ReconnectHandler = Callable[[], Awaitable[None] | None]
 
@@ -47,16 +48,18 @@ class ReconnectingBus(MemoryBus):
 
 
 @pytest.mark.redis
-async def test_updates_of_two_instances_go_out_in_version_order(
-    clean_server: RunningServer, team: TeamFixture
-) -> None:
+@pytest.mark.postgres
+async def test_updates_of_two_instances_go_out_in_version_order(tmp_path: Path) -> None:
     """Two instances write to one team's dashboard at once: the first holds
     the team's lock and takes its time to commit, the second waits for the
     lock. The first's update is out before the second counts its version,
     so every subscriber sees them in version order."""
-    if clean_server.settings.embedded:
-        pytest.skip("one writer at a time on SQLite: there is no second instance")
-    sm = clean_server.state.sessionmaker
+    async with server_on("postgres", tmp_path) as server:
+        await _two_writers(server, await make_team(server.state))
+
+
+async def _two_writers(server: RunningServer, team: TeamFixture) -> None:
+    sm = server.state.sessionmaker
     prefix = f"chathub-test-{secrets.token_hex(4)}"
     buses = [RedisBus(REDIS_URL, prefix=prefix) for _ in range(3)]
     for bus in buses:
