@@ -694,6 +694,7 @@ class Replies:
                 try:
                     await run.writer.finish()
                 except StaleReply:
+                    log.warning("reply %s was ended or replaced elsewhere", run.reply_id)
                     run.lost = True
                 text = run.writer.text
             if run.lost:
