@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chathub.auth import Principal
-from chathub.server.bus import MemoryBus
+from chathub.server.bus import MemoryBus, ReconnectHandler
 from chathub.server.connection import Connection
 from chathub.server.dashboards import CHANNEL, Dashboards
 from chathub.server.hub import Hub
@@ -25,8 +25,6 @@ from chathub.server.session_log import MemorySessionLog
 from chathub.storage.db import transaction
 from chathub.storage.repositories import dashboard as repo
 from tests.harness import REDIS_URL, RunningServer, TeamFixture, eventually, make_team, server_on
-
-ReconnectHandler = Callable[[], Awaitable[None] | None]
 
 
 class ReconnectingBus(MemoryBus):
