@@ -146,6 +146,28 @@ async def server_on(backend: str, data_dir: Path, **overrides: Any) -> AsyncIter
             await drop_pg_database(pg_name)
 
 
+@contextlib.asynccontextmanager
+async def replicas(
+    data_dir: Path, count: int = 2, **overrides: Any
+) -> AsyncIterator[list[RunningServer]]:
+    """``count`` servers on one fresh PostgreSQL database (dropped
+    afterwards) and the test Redis, each with a data directory of its own
+    under ``data_dir`` and ``overrides`` applied to the test settings."""
+    name = await create_pg_database()
+    servers: list[RunningServer] = []
+    try:
+        for i in range(count):
+            settings = test_settings(
+                pg_url(name), data_dir / f"r{i}", redis_url=REDIS_URL, **overrides
+            )
+            servers.append(await start_server(settings, migrate=i == 0))
+        yield servers
+    finally:
+        for server in servers:
+            await server.stop()
+        await drop_pg_database(name)
+
+
 async def wipe(state: AppState) -> None:
     """Empty every table, children first, so each test starts clean."""
     async with transaction(state.sessionmaker) as db:

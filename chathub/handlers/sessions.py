@@ -85,7 +85,9 @@ async def list_sessions(
 
 
 @router.post("", status_code=201, responses=errors(403))
-async def create_session(body: SessionCreate, principal: MemberUser, db: SessionDep) -> SessionOut:
+async def create_session(
+    body: SessionCreate, principal: MemberUser, db: SessionDep, state: StateDep
+) -> SessionOut:
     await _check_mode(db, principal.team_id, body.mode)
     row = await repo.create_session(
         db,
@@ -94,7 +96,9 @@ async def create_session(body: SessionCreate, principal: MemberUser, db: Session
         mode=body.mode,
         created_by=principal.member_id,
     )
-    return SessionOut.model_validate(row)
+    view = SessionOut.model_validate(row)
+    await state.session_feed.changed(principal.team_id, _json(view), created=True)
+    return view
 
 
 @router.get("/{session_id}", responses=errors(404))
@@ -105,14 +109,21 @@ async def get_session(session_id: str, principal: Viewer, db: SessionDep) -> Ses
 
 @router.patch("/{session_id}", responses=errors(403, 404))
 async def patch_session(
-    session_id: str, body: SessionPatch, principal: MemberUser, db: SessionDep
+    session_id: str, body: SessionPatch, principal: MemberUser, db: SessionDep, state: StateDep
 ) -> SessionOut:
+    """Change what the body names. Values the session already has change
+    nothing: no new ``updated_at``, no ``session.updated`` event."""
     row = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     if "mode" in changes:
         await _check_mode(db, principal.team_id, changes["mode"])
+    changes = {name: value for name, value in changes.items() if getattr(row, name) != value}
+    if not changes:
+        return SessionOut.model_validate(row)
     row = await repo.update_session(db, row, **changes)
-    return SessionOut.model_validate(row)
+    view = SessionOut.model_validate(row)
+    await state.session_feed.changed(principal.team_id, _json(view), created=False)
+    return view
 
 
 @router.delete("/{session_id}", status_code=204, responses=errors(403, 404))
@@ -132,6 +143,7 @@ async def delete_session(session_id: str, principal: MemberUser, state: StateDep
             target_type="session",
             target_id=row.id,
         )
+        await state.session_feed.deleted(principal.team_id, row.id)
     async with state.sessionmaker() as db:
         streaming = await repo.streaming_replies(db, session_id=session_id)
     for reply_id in streaming:
@@ -140,6 +152,10 @@ async def delete_session(session_id: str, principal: MemberUser, state: StateDep
         except Exception:  # the delete itself has succeeded
             log.exception("could not stop reply %s of deleted session %s", reply_id, session_id)
     return Response(status_code=204)
+
+
+def _json(view: SessionOut) -> dict[str, Any]:
+    return view.model_dump(mode="json")
 
 
 @router.get("/{session_id}/messages", responses=errors(404))

@@ -278,6 +278,9 @@ async def _handle(state: AppState, conn: Connection, frame: Any) -> list[dict[st
             raise Forbidden("viewers cannot cancel replies")
         cancelling = await state.replies.cancel(p, frame.reply_id)
         return [{"type": "ack", "reply_id": frame.reply_id, "cancelling": cancelling}]
+    if isinstance(frame, SubscribeFrame) and frame.channel == "sessions":
+        state.hub.subscribe_sessions(conn)
+        return [{"type": "ack", "channel": frame.channel}]
     if isinstance(frame, SubscribeFrame):
         # Subscribed first, so no update is missed while the snapshot is read;
         # those held meanwhile follow it if they are newer.
@@ -290,6 +293,9 @@ async def _handle(state: AppState, conn: Connection, frame: Any) -> list[dict[st
         newer = state.hub.dashboard_ready(conn, snapshot["version"])
         return [{"type": "ack", "channel": frame.channel}, snapshot, *newer]
     if isinstance(frame, UnsubscribeFrame):
-        state.hub.unsubscribe_dashboard(conn)
+        if frame.channel == "sessions":
+            state.hub.unsubscribe_sessions(conn)
+        else:
+            state.hub.unsubscribe_dashboard(conn)
         return [{"type": "ack", "channel": frame.channel}]
     raise BadRequest("unsupported frame")

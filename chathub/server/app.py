@@ -31,6 +31,7 @@ from chathub.server.metrics import HttpMetrics
 from chathub.server.ratelimit import create_rate_limiter
 from chathub.server.reaper import ReplyReaper
 from chathub.server.replies import Replies
+from chathub.server.session_feed import SessionFeed
 from chathub.server.session_log import create_session_log
 from chathub.server.state import AppState
 from chathub.storage.blobs import BlobStore
@@ -152,6 +153,7 @@ def create_app(
                 named_providers=named_providers,
             ),
             dashboards=dashboards,
+            session_feed=SessionFeed(bus=bus, hub=hub),
             extractor=extractor,
             credentials=SocketCredentials(
                 sessionmaker=sessionmaker, bus=bus, hub=hub, tokens=tokens
@@ -194,6 +196,7 @@ def create_app(
             await hub.close()
             state.credentials.close()
             state.dashboards.close()
+            state.session_feed.close()
             await session_log.close()
             await bus.close()
             await limiter.close()

@@ -58,12 +58,12 @@ class CancelFrame(ClientFrame):
 
 class SubscribeFrame(ClientFrame):
     type: Literal["subscribe"]
-    channel: Literal["dashboard"]
+    channel: Literal["dashboard", "sessions"]
 
 
 class UnsubscribeFrame(ClientFrame):
     type: Literal["unsubscribe"]
-    channel: Literal["dashboard"]
+    channel: Literal["dashboard", "sessions"]
 
 
 class PingFrame(ClientFrame):

@@ -27,6 +27,7 @@ class Hub:
         self._by_session: defaultdict[str, set[Connection]] = defaultdict(set)
         self._by_team: defaultdict[str, set[Connection]] = defaultdict(set)
         self._by_team_dashboard: defaultdict[str, set[Connection]] = defaultdict(set)
+        self._by_team_sessions: defaultdict[str, set[Connection]] = defaultdict(set)
         # Subscribers held for a fresh snapshot after a bus reconnection, and
         # the number of that reconnection (see resync_dashboards).
         self._dashboard_stale: dict[Connection, int] = {}
@@ -52,6 +53,7 @@ class Hub:
         for session_id in list(conn.sessions):
             self.leave(conn, session_id)
         self.unsubscribe_dashboard(conn)
+        self.unsubscribe_sessions(conn)
 
     def team_ids(self) -> list[str]:
         """The teams with a registered socket here."""
@@ -220,6 +222,27 @@ class Hub:
                 version, first = snapshot
                 frames = [first, *(frame for v, frame in held if v > version)]
             for frame in frames:
+                conn.send(frame)
+
+    # -- the team's session list (chathub.server.session_feed) -------------
+
+    def subscribe_sessions(self, conn: Connection) -> None:
+        self._by_team_sessions[conn.principal.team_id].add(conn)
+
+    def unsubscribe_sessions(self, conn: Connection) -> None:
+        members = self._by_team_sessions.get(conn.principal.team_id)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self._by_team_sessions[conn.principal.team_id]
+
+    def send_sessions(self, team_id: str, frame: str) -> None:
+        for conn in tuple(self._by_team_sessions.get(team_id, ())):
+            conn.send(frame)
+
+    def send_sessions_everywhere(self, frame: str) -> None:
+        for members in tuple(self._by_team_sessions.values()):
+            for conn in tuple(members):
                 conn.send(frame)
 
     # -- lifecycle ---------------------------------------------------------

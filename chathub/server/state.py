@@ -15,6 +15,7 @@ from chathub.server.dashboards import Dashboards
 from chathub.server.extraction import Extractor
 from chathub.server.hub import Hub
 from chathub.server.replies import Replies
+from chathub.server.session_feed import SessionFeed
 from chathub.server.session_log import SessionLog
 from chathub.storage.blobs import BlobStore
 
@@ -32,5 +33,6 @@ class AppState:
     hub: Hub
     replies: Replies
     dashboards: Dashboards
+    session_feed: SessionFeed
     extractor: Extractor
     credentials: SocketCredentials

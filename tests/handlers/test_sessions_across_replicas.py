@@ -16,17 +16,8 @@ from sqlalchemy import select
 
 from chathub.storage.models import Message
 from chathub.storage.repositories import sessions as sessions_repo
-from tests.harness import (
-    REDIS_URL,
-    RunningServer,
-    TeamFixture,
-    create_pg_database,
-    drop_pg_database,
-    make_team,
-    pg_url,
-    start_server,
-    test_settings,
-)
+from tests import harness
+from tests.harness import RunningServer, TeamFixture, make_team
 from tests.server.test_ws import delta_text, new_session, scripted, send_message
 from tests.wsclient import WsClient, reply_end
 
@@ -40,22 +31,9 @@ REPLY_S = len(SLOW_TEXT) / 4 / RATE
 @pytest.fixture
 async def replicas(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
     """Two servers on one fresh database and the test Redis."""
-    name = await create_pg_database()
-    servers: list[RunningServer] = []
-    try:
-        for i in range(2):
-            settings = test_settings(
-                pg_url(name),
-                tmp_path / f"r{i}",
-                redis_url=REDIS_URL,
-                llm=scripted(text=SLOW_TEXT, chunk=4, rate=RATE),
-            )
-            servers.append(await start_server(settings, migrate=i == 0))
-        yield servers[0], servers[1]
-    finally:
-        for server in servers:
-            await server.stop()
-        await drop_pg_database(name)
+    llm = scripted(text=SLOW_TEXT, chunk=4, rate=RATE)
+    async with harness.replicas(tmp_path, llm=llm) as (a, b):
+        yield a, b
 
 
 async def test_a_json_retry_on_another_replica_answers_once_the_reply_has_ended(

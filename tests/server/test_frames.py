@@ -95,6 +95,7 @@ def test_reply_cancel() -> None:
 def test_subscribe_and_unsubscribe_dashboard() -> None:
     assert isinstance(parse({"type": "subscribe", "channel": "dashboard"}), SubscribeFrame)
     assert isinstance(parse({"type": "unsubscribe", "channel": "dashboard"}), UnsubscribeFrame)
+    assert isinstance(parse({"type": "subscribe", "channel": "sessions"}), SubscribeFrame)
 
 
 def test_ping_with_id() -> None:
@@ -223,7 +224,7 @@ def test_bad_id_is_refused_and_not_echoed(rid: Any) -> None:
         ({"type": "reply.cancel", "reply_id": ""}, "reply_id"),
         ({"type": "reply.cancel", "reply_id": 3}, "reply_id"),
         ({"type": "subscribe"}, "channel"),
-        ({"type": "subscribe", "channel": "sessions"}, "channel"),
+        ({"type": "subscribe", "channel": "session"}, "channel"),
         ({"type": "unsubscribe", "channel": 1}, "channel"),
     ],
 )

@@ -31,6 +31,7 @@ from tests.harness import (
     eventually,
     make_team,
     pg_url,
+    replicas,
     server_on,
     start_server,
     test_settings,
@@ -288,13 +289,7 @@ async def test_a_token_with_a_key_id_that_is_not_a_string_is_unauthorized(
 async def test_a_revocation_on_one_replica_closes_the_sockets_on_another(
     tmp_path: Path,
 ) -> None:
-    name = await create_pg_database()
-    servers: list[RunningServer] = []
-    try:
-        for i in range(2):
-            settings = test_settings(pg_url(name), tmp_path / f"r{i}", redis_url=REDIS_URL)
-            servers.append(await start_server(settings, migrate=i == 0))
-        a, b = servers
+    async with replicas(tmp_path) as (a, b):
         team = await make_team(a.state, "Replicas")
         member = await team.actor("member")
         ws = await WsClient.connect(b.ws_url, member.api_key)
@@ -307,10 +302,6 @@ async def test_a_revocation_on_one_replica_closes_the_sockets_on_another(
             assert await closed_with(ws) == (4401, "credentials revoked")
         finally:
             await ws.conn.close()
-    finally:
-        for server in servers:
-            await server.stop()
-        await drop_pg_database(name)
 
 
 async def test_a_listening_socket_is_checked_again_without_any_frame(

@@ -1,0 +1,209 @@
+"""The ``sessions`` channel: a socket subscribed to it hears of every session
+of its team created, changed or deleted over REST, on any replica, in the
+order the writes committed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from chathub.auth import Principal
+from chathub.server.connection import Connection
+from chathub.server.hub import Hub
+from chathub.server.redis_bus import RedisBus
+from chathub.server.session_log import MemorySessionLog
+from tests.harness import (
+    RunningServer,
+    TeamFixture,
+    eventually,
+    http_client,
+    make_team,
+    replicas,
+)
+from tests.server.test_session_log_contract import kill_client, pubsub_client_ids
+from tests.wsclient import WsClient
+
+
+async def quiet(ws: WsClient) -> list[dict[str, Any]]:
+    """The frames before the answer to a ping: every event published before
+    the ping was sent (in process, a REST write publishes before it returns)."""
+    pong = await ws.request({"type": "ping"})
+    assert pong["type"] == "pong"
+    frames = [f for f in ws.seen[:-1] if f["type"].startswith("session")]
+    ws.seen.clear()
+    return frames
+
+
+async def subscribed(server: RunningServer, token: str) -> WsClient:
+    ws = await WsClient.connect(server.ws_url, token)
+    ack = await ws.request({"type": "subscribe", "channel": "sessions"})
+    assert ack == {"type": "ack", "id": ack["id"], "channel": "sessions"}
+    ws.seen.clear()
+    return ws
+
+
+async def test_created_changed_and_deleted_sessions_are_pushed_to_the_team(
+    clean_server: RunningServer,
+    client: httpx.AsyncClient,
+    team: TeamFixture,
+    other_team: TeamFixture,
+) -> None:
+    viewer = await team.actor("viewer")
+    ws = await subscribed(clean_server, viewer.api_key)  # any role may follow the list
+    outsider = await subscribed(clean_server, other_team.owner.api_key)
+    try:
+        r = await client.post("/chat/sessions", json={"title": "plans"}, headers=team.owner.headers)
+        assert r.status_code == 201, r.text
+        created = r.json()
+        sid = created["id"]
+        assert await quiet(ws) == [{"type": "session.created", "session": created}]
+
+        url, changes = f"/chat/sessions/{sid}", {"title": "plans, v2", "archived": True}
+        r = await client.patch(url, json=changes, headers=team.owner.headers)
+        assert r.status_code == 200, r.text
+        changed = r.json()
+        assert changed["updated_at"] > created["updated_at"]
+        assert await quiet(ws) == [{"type": "session.updated", "session": changed}]
+
+        # What the session already has changes nothing, and says nothing.
+        r = await client.patch(url, json=changes, headers=team.owner.headers)
+        assert r.status_code == 200, r.text
+        assert r.json() == changed
+        assert await quiet(ws) == []
+
+        r = await client.delete(f"/chat/sessions/{sid}", headers=team.owner.headers)
+        assert r.status_code == 204, r.text
+        assert await quiet(ws) == [{"type": "session.deleted", "session_id": sid}]
+        r = await client.delete(f"/chat/sessions/{sid}", headers=team.owner.headers)
+        assert r.status_code == 404
+
+        # A refused write announces nothing.
+        r = await client.post("/chat/sessions", json={"title": "x"}, headers=viewer.headers)
+        assert r.status_code == 403
+        r = await client.post(
+            "/chat/sessions", json={"mode": "no-such-mode"}, headers=team.owner.headers
+        )
+        assert r.status_code == 400
+        assert await quiet(ws) == []
+        assert await quiet(outsider) == []  # another team's sessions, never
+
+        ack = await ws.request({"type": "unsubscribe", "channel": "sessions"})
+        assert ack["type"] == "ack" and ack["channel"] == "sessions"
+        r = await client.post("/chat/sessions", json={"title": "y"}, headers=team.owner.headers)
+        assert r.status_code == 201
+        assert await quiet(ws) == []
+    finally:
+        await ws.close()
+        await outsider.close()
+
+
+async def test_other_channels_are_refused(clean_server: RunningServer, team: TeamFixture) -> None:
+    ws = await WsClient.connect(clean_server.ws_url, team.owner.api_key)
+    try:
+        err = await ws.request({"type": "subscribe", "channel": "session"})
+        assert err["type"] == "error" and err["code"] == "bad_request"
+        assert (await ws.request({"type": "ping"}))["type"] == "pong"
+    finally:
+        await ws.close()
+
+
+@pytest.fixture
+async def two(tmp_path: Path) -> AsyncIterator[list[RunningServer]]:
+    async with replicas(tmp_path) as servers:
+        yield servers
+
+
+async def read_titles(ws: WsClient, sid: str, until_title: str) -> list[str]:
+    """The titles of ``sid``'s updates, up to one with ``until_title`` and a
+    moment of silence after it."""
+    titles: list[str] = []
+    while True:
+        try:
+            frame = await ws.recv(timeout=1.0 if until_title in titles else 10.0)
+        except TimeoutError:
+            return titles
+        if frame["type"] == "session.updated" and frame["session"]["id"] == sid:
+            titles.append(frame["session"]["title"])
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.timeout(60)
+async def test_concurrent_renames_on_two_replicas_reach_subscribers_in_commit_order(
+    two: list[RunningServer],
+) -> None:
+    """A sidebar that applies the events as they come ends with the title the
+    database ended with, on whichever replica it is connected."""
+    a, b = two
+    team = await make_team(a.state, "Renamers")
+    headers = team.owner.headers
+    sockets = [await subscribed(a, team.owner.api_key), await subscribed(b, team.owner.api_key)]
+    try:
+        async with http_client(a) as http_a, http_client(b) as http_b:
+            r = await http_a.post("/chat/sessions", json={"title": "t"}, headers=headers)
+            sid = r.json()["id"]
+
+            async def rename(http: httpx.AsyncClient, title: str) -> None:
+                r = await http.patch(
+                    f"/chat/sessions/{sid}", json={"title": title}, headers=headers
+                )
+                assert r.status_code == 200, r.text
+
+            for round in range(3):
+                await asyncio.gather(
+                    *(rename((http_a, http_b)[i % 2], f"title {round}.{i}") for i in range(30))
+                )
+                final = (await http_a.get(f"/chat/sessions/{sid}", headers=headers)).json()
+                for ws in sockets:
+                    titles = await read_titles(ws, sid, final["title"])
+                    assert len(titles) == 30
+                    assert titles[-1] == final["title"]
+    finally:
+        for ws in sockets:
+            await ws.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.timeout(60)
+async def test_a_bus_reconnection_tells_subscribers_to_reload(
+    two: list[RunningServer],
+) -> None:
+    a, b = two
+    bus = a.state.bus
+    assert isinstance(bus, RedisBus)
+    team = await make_team(a.state, "Reconnect")
+    ws = await subscribed(a, team.owner.api_key)
+    try:
+        (old_id,) = await pubsub_client_ids(bus.subscription.name)
+        await kill_client(old_id)
+        await eventually(lambda: bus.subscription.connects == 2)
+        assert await ws.expect("sessions.resync") == {"type": "sessions.resync"}
+        # And the feed goes on.
+        async with http_client(b) as http:
+            r = await http.post(
+                "/chat/sessions", json={"title": "after"}, headers=team.owner.headers
+            )
+            assert r.status_code == 201
+        frame = await ws.expect("session.created")
+        assert frame["session"] == r.json()
+    finally:
+        await ws.close()
+
+
+async def test_a_closed_socket_is_forgotten_by_the_channel() -> None:
+    hub = Hub(MemorySessionLog())
+    conn = Connection(None, "c1", Principal("m1", "t1", "viewer"), max_queue=10)
+    hub.register(conn)
+    hub.subscribe_sessions(conn)
+    hub.send_sessions("t1", "f1")
+    assert await conn.take() == ["f1"]
+    hub.unregister(conn)
+    assert hub._by_team_sessions == {}
+    hub.send_sessions("t1", "f2")
+    assert conn.queue_depth == 0
