@@ -104,6 +104,14 @@ def process_exiting() -> None:
         multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
+KNOWN_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
+)
+"""The methods that get a label value of their own; any other (uvicorn's
+h11 server passes whatever token a client sends) counts as ``other``, so
+clients cannot make the label's values grow without bound."""
+
+
 class HttpMetrics:
     """Latency of every HTTP request by method, route template and status."""
 
@@ -128,6 +136,7 @@ class HttpMetrics:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            HTTP_LATENCY.labels(scope["method"], path, str(status)).observe(
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            HTTP_LATENCY.labels(method, path, str(status)).observe(
                 time.perf_counter() - started
             )

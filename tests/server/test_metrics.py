@@ -5,7 +5,9 @@ and resumes."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client import REGISTRY
@@ -16,7 +18,7 @@ from chathub.server import metrics
 from chathub.server.connection import Connection
 from chathub.server.hub import Hub
 from chathub.server.session_log import MemorySessionLog
-from tests.harness import eventually
+from tests.harness import eventually, serve
 from tests.server.test_ws import (
     custom_server,
     new_session,
@@ -113,3 +115,31 @@ async def test_the_send_queue_gauge_is_kept_current_between_scrapes() -> None:
         await eventually(lambda: (REGISTRY.get_sample_value("chathub_send_queue_depth") or 0) >= 3)
     finally:
         await hub.close()
+
+
+async def test_unknown_http_methods_share_one_label_value() -> None:
+    """uvicorn's h11 server hands the app any method token a client sends:
+    they are counted as ``other``, so the label cannot grow without bound."""
+
+    async def hello(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 405, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    server, task, port = await serve(metrics.HttpMetrics(hello), http="h11")
+    try:
+        for method in ("BREW", "WHEN1", "GET"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"{method} /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+            assert (await reader.read()).startswith(b"HTTP/1.1 405")
+            writer.close()
+    finally:
+        server.should_exit = True
+        await task
+    methods = {
+        sample.labels["method"]
+        for family in REGISTRY.collect()
+        if family.name == "chathub_http_request_seconds"
+        for sample in family.samples
+        if sample.labels.get("route") == "unmatched" and sample.labels.get("status") == "405"
+    }
+    assert methods == {"other", "GET"}
