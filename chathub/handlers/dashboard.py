@@ -442,8 +442,7 @@ async def set_state(
     """Set the key's value by hand: appends a version unless the value is
     already the current one. With ``If-Match``, only from that version."""
     expected = expected_version(if_match, required=False)
-    before = expected if expected is not None else await _state_version(db, principal.team_id, key)
-    view = await repo.set_state(
+    view, written = await repo.set_state(
         db,
         team_id=principal.team_id,
         key=key,
@@ -454,17 +453,9 @@ async def set_state(
     )
     response.headers["ETag"] = etag(view.version)
     out = StateOut.model_validate(view)
-    if view.version != before:  # else nothing changed
+    if written:
         await _announce(state, db, principal.team_id, "states", out)
     return out
-
-
-async def _state_version(db: AsyncSession, team_id: str, key: str) -> int:
-    """The key's current version; 0 for a key never set."""
-    try:
-        return (await repo.get_state(db, team_id=team_id, key=key)).version
-    except NotFound:
-        return 0
 
 
 @router.get("/states/{key}/history", responses=errors(404))

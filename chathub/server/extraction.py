@@ -182,10 +182,6 @@ async def _write(
         if (insight := await _guarded(db, "insight", create)) is not None:
             changed["insights"].append(asdict(insight))
     for found_state in latest_states(found.states):
-        try:
-            before = await board.get_state(db, team_id=team_id, key=found_state.key)
-        except ChathubError:
-            before = None
         set_state = board.set_state(
             db,
             team_id=team_id,
@@ -196,9 +192,10 @@ async def _write(
             session_id=session_id,
             source_message_id=result.source_of(found_state.message),
         )
-        state = await _guarded(db, "state", set_state)
-        if state is not None and (before is None or before.version != state.version):
-            changed["states"].append(asdict(state))
+        if (written := await _guarded(db, "state", set_state)) is not None:
+            state, changed_it = written
+            if changed_it:
+                changed["states"].append(asdict(state))
     return changed
 
 

@@ -639,3 +639,29 @@ async def test_a_write_that_changes_nothing_pushes_nothing(
         assert "tasks" not in update
     finally:
         await ws.close()
+
+
+async def test_concurrent_identical_state_writes_push_one_update(
+    client: httpx.AsyncClient, team: TeamFixture, clean_server: RunningServer
+) -> None:
+    """Of several writes of one new value at once, the one that writes it
+    announces it; the others find it there and push nothing."""
+    h = team.owner.headers
+    ws = await WsClient.connect(clean_server.ws_url, team.owner.api_key)
+    try:
+        assert (await ws.request({"type": "subscribe", "channel": "dashboard"}))["type"] == "ack"
+        await ws.expect("dashboard.snapshot")
+        for value in range(1, 6):
+            puts = await asyncio.gather(
+                *(
+                    client.put("/dashboard/states/phase", json={"value": value}, headers=h)
+                    for _ in range(8)
+                )
+            )
+            assert {(r.status_code, r.json()["version"]) for r in puts} == {(200, value)}
+        pong = await ws.request({"type": "ping"})
+        assert pong["type"] == "pong"
+    finally:
+        await ws.close()
+    updates = [f for f in ws.seen if f["type"] == "dashboard.updated"]
+    assert [[s["value"] for s in u["states"]] for u in updates] == [[v] for v in range(1, 6)]

@@ -303,7 +303,7 @@ async def test_states_append_versions(sm: Maker, team: TeamFixture) -> None:
 async def test_state_expected_version(sm: Maker, team: TeamFixture) -> None:
     async def put(value: Any, expected: int | None) -> repo.StateView:
         async with transaction(sm) as db:
-            return await repo.set_state(
+            view, _ = await repo.set_state(
                 db,
                 team_id=team.team_id,
                 key="budget",
@@ -312,6 +312,7 @@ async def test_state_expected_version(sm: Maker, team: TeamFixture) -> None:
                 updated_by="m1",
                 expected_version=expected,
             )
+            return view
 
     assert (await put(100, 0)).version == 1  # 0: only if the key is new
     with pytest.raises(PreconditionFailed):

@@ -77,12 +77,14 @@ async def set_state(
     session_id: str | None = None,
     source_message_id: str | None = None,
     expected_version: int | None = None,
-) -> StateView:
-    """Append a version of ``key`` holding ``value`` (any JSON) and return it.
+) -> tuple[StateView, bool]:
+    """Append a version of ``key`` holding ``value`` (any JSON); returns the
+    key's current version and whether this call wrote it.
 
     ``expected_version`` is the version the key must be at (0: the key must
     not exist yet), else PreconditionFailed; None writes unconditionally.
-    Setting the value the key already has writes nothing.
+    Setting the value the key already has (also when a concurrent writer
+    has just set it) writes nothing.
     """
     _check_author(author_kind)
     check_state_key(key)
@@ -96,7 +98,7 @@ async def set_state(
         if expected_version is not None and have != expected_version:
             raise _stale(f"state {key!r}", have, expected_version)
         if current is not None and _same_json(current.value, value):
-            return _state_view(current)
+            return _state_view(current), False
         values = {
             "team_id": team_id,
             "key": key,
@@ -109,7 +111,7 @@ async def set_state(
         }
         row = await _insert_version(db, StateVersion, values, ("team_id", "key", "version"))
         if row is not None:
-            return _state_view(row)
+            return _state_view(row), True
     raise Conflict(f"state {key!r} is changing too fast; try again")
 
 
