@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     reply_checkpoint_s: float = Field(default=5.0, ge=0)
     extraction_debounce_s: float = 1.0
 
+    # Deleted sessions (their messages) and deleted files' records are
+    # erased this many days after their delete (0: kept for ever).
+    purge_deleted_after_days: float = Field(default=30.0, ge=0)
+
     # Input limits, per minute (0 turns one off). Shared through Redis when set.
     rate_user_messages: int = Field(default=30, ge=0)
     rate_team_messages: int = Field(default=600, ge=0)

@@ -28,6 +28,7 @@ from chathub.server.input_checks import InputChecks
 from chathub.server.leases import create_leases
 from chathub.server.limits import MULTIPART_OVERHEAD, BodyLimit
 from chathub.server.metrics import HttpMetrics
+from chathub.server.purger import Purger
 from chathub.server.ratelimit import create_rate_limiter
 from chathub.server.reaper import ReplyReaper
 from chathub.server.replies import Replies
@@ -169,6 +170,8 @@ def create_app(
             is_local=state.replies.runs.__contains__,
         )
         await reaper.start()
+        purger = Purger(settings=settings, sessionmaker=sessionmaker)
+        purger.start()
         if freeze_heap:
             # What startup built (modules, mappers, the model) lives as long
             # as the process. A full collection stops every socket while it
@@ -190,6 +193,7 @@ def create_app(
             if isinstance(app, ChathubApp):
                 app.closing_hook = None
             await reaper.close()
+            await purger.close()
             await state.replies.close()
             await state.replies.summarizer.close()
             await extractor.close()

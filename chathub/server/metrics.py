@@ -137,6 +137,4 @@ class HttpMetrics:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
-            HTTP_LATENCY.labels(method, path, str(status)).observe(
-                time.perf_counter() - started
-            )
+            HTTP_LATENCY.labels(method, path, str(status)).observe(time.perf_counter() - started)
