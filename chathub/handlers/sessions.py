@@ -113,7 +113,11 @@ async def patch_session(
 ) -> SessionOut:
     """Change what the body names. Values the session already has change
     nothing: no new ``updated_at``, no ``session.updated`` event."""
-    row = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
+    # Locked: a concurrent change of other fields (or a delete) is read
+    # before this one writes, and announced before it.
+    row = await repo.get_session(
+        db, team_id=principal.team_id, session_id=session_id, for_update=True
+    )
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     if "mode" in changes:
         await _check_mode(db, principal.team_id, changes["mode"])
@@ -133,7 +137,9 @@ async def delete_session(session_id: str, principal: MemberUser, state: StateDep
     cancelled one does (``reply.completed``, ``cancelled``) for the sockets
     still joined."""
     async with transaction(state.sessionmaker) as db:
-        row = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
+        row = await repo.get_session(
+            db, team_id=principal.team_id, session_id=session_id, for_update=True
+        )
         await repo.delete_session(db, row)
         await audit.record(
             db,

@@ -102,6 +102,51 @@ async def test_created_changed_and_deleted_sessions_are_pushed_to_the_team(
         await outsider.close()
 
 
+async def test_concurrent_changes_of_other_fields_end_on_what_the_database_holds(
+    clean_server: RunningServer, client: httpx.AsyncClient, team: TeamFixture
+) -> None:
+    """Two PATCHes at once, of the title and of ``archived``: each reads what
+    the other wrote before it writes, so the last event (and each answer)
+    is the whole session as stored."""
+    h = team.owner.headers
+    sid = (await client.post("/chat/sessions", json={"title": "t"}, headers=h)).json()["id"]
+    url = f"/chat/sessions/{sid}"
+    ws = await subscribed(clean_server, team.owner.api_key)
+    try:
+        for i in range(10):
+            await asyncio.gather(
+                client.patch(url, json={"title": f"title {i}"}, headers=h),
+                client.patch(url, json={"archived": i % 2 == 0}, headers=h),
+            )
+            stored = (await client.get(url, headers=h)).json()
+            events = await quiet(ws)
+            assert len(events) == 2
+            assert events[-1] == {"type": "session.updated", "session": stored}
+    finally:
+        await ws.close()
+
+
+async def test_a_change_racing_a_delete_is_never_announced_after_it(
+    clean_server: RunningServer, client: httpx.AsyncClient, team: TeamFixture
+) -> None:
+    h = team.owner.headers
+    ws = await subscribed(clean_server, team.owner.api_key)
+    try:
+        for i in range(25):
+            sid = (await client.post("/chat/sessions", json={"title": "t"}, headers=h)).json()["id"]
+            url = f"/chat/sessions/{sid}"
+            patched, deleted = await asyncio.gather(
+                client.patch(url, json={"title": f"title {i}"}, headers=h),
+                client.delete(url, headers=h),
+            )
+            assert (patched.status_code, deleted.status_code) in ((200, 204), (404, 204))
+            events = [e["type"] for e in await quiet(ws)]
+            assert events[-1] == "session.deleted", events
+            assert len(events) == (3 if patched.status_code == 200 else 2), events
+    finally:
+        await ws.close()
+
+
 async def test_other_channels_are_refused(clean_server: RunningServer, team: TeamFixture) -> None:
     ws = await WsClient.connect(clean_server.ws_url, team.owner.api_key)
     try:

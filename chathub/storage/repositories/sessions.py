@@ -26,6 +26,7 @@ _GET_SESSION = select(ChatSession).where(
     ChatSession.team_id == bindparam("team_id"),
     ChatSession.deleted_at.is_(None),
 )
+_GET_SESSION_FOR_UPDATE = _GET_SESSION.with_for_update(of=ChatSession)
 _SENT_WITH_CLIENT_MSG_ID = (
     Message.session_id == bindparam("session_id"),
     Message.client_msg_id == bindparam("client_msg_id"),
@@ -71,8 +72,13 @@ async def create_session(
     return row
 
 
-async def get_session(session: AsyncSession, *, team_id: str, session_id: str) -> ChatSession:
-    row = await session.scalar(_GET_SESSION, {"session_id": session_id, "team_id": team_id})
+async def get_session(
+    session: AsyncSession, *, team_id: str, session_id: str, for_update: bool = False
+) -> ChatSession:
+    """The live session; ``for_update`` locks its row until the transaction
+    ends (PostgreSQL), so that a change reads what the one before it wrote."""
+    query = _GET_SESSION_FOR_UPDATE if for_update else _GET_SESSION
+    row = await session.scalar(query, {"session_id": session_id, "team_id": team_id})
     if row is None:
         raise NotFound("session not found")
     return row
