@@ -9,7 +9,6 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit
 
-from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -39,6 +38,7 @@ from chathub.server.frames import (
     parse_frame,
 )
 from chathub.server.state import AppState
+from chathub.storage.db import backend_unreachable
 from chathub.storage.repositories import sessions as sessions_repo
 from chathub.storage.repositories import teams
 
@@ -47,7 +47,6 @@ log = logging.getLogger("chathub.ws")
 PATH = "/ws"
 
 PROTOCOL_VERSION = 1
-BACKEND_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
 
 
 def origin_allowed(origin: str | None, host: str | None, settings: Settings) -> bool:
@@ -209,18 +208,18 @@ async def _read_frame(websocket: WebSocket, state: AppState, conn: Connection) -
     except ChathubError as exc:
         conn.send(encode(exc.frame(request_id)))
         return True
-    except BACKEND_ERRORS as exc:
-        # Redis (or the network to it) is down: refuse this frame and
-        # keep the socket; the client tries again when it is back.
-        log.warning("frame refused, a backing service failed: %r", exc)
-        unavailable = Unavailable("a backing service is unavailable; try again shortly")
-        conn.send(encode(unavailable.frame(request_id)))
-        return True
-    except Exception:
-        # A fault of ours: this frame fails with `internal`; the socket, its
-        # sessions and its other requests go on.
-        log.exception("socket %s: a frame failed", conn.id)
-        conn.send(encode(ChathubError().frame(request_id)))
+    except Exception as exc:
+        if backend_unreachable(exc):
+            # PostgreSQL or Redis is down: refuse this frame and keep the
+            # socket; the client tries again when it is back.
+            log.warning("frame refused, a backing service failed: %r", exc)
+            unavailable = Unavailable("a backing service is unavailable; try again shortly")
+            conn.send(encode(unavailable.frame(request_id)))
+        else:
+            # A fault of ours: this frame fails with `internal`; the socket,
+            # its sessions and its other requests go on.
+            log.exception("socket %s: a frame failed", conn.id)
+            conn.send(encode(ChathubError().frame(request_id)))
         return True
     if request_id is not None:
         direct = replies[0]

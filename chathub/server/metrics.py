@@ -59,6 +59,19 @@ BUS_LAG = Histogram(
     ["subscription"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+LOG_APPEND_RETRIES = Counter(
+    "chathub_log_append_retries_total",
+    "Session log appends tried again while the log's Redis was unreachable",
+)
+LOG_APPENDS_FAILED = Counter(
+    "chathub_log_appends_failed_total",
+    "Session log appends given up after waiting for Redis: the event was not written",
+)
+REPLY_ENDINGS_LOST = Counter(
+    "chathub_reply_endings_lost_total",
+    "Replies that could not be ended (stored or announced) with the database or"
+    " the log unreachable; a reaper ends them later",
+)
 
 
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"

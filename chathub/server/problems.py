@@ -9,7 +9,6 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -24,6 +23,7 @@ from chathub.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
+from chathub.storage.db import backend_unreachable
 
 log = logging.getLogger("chathub.http")
 
@@ -99,12 +99,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return problem_response(error, headers=headers)
 
 
-async def _backend_unavailable(_request: Request, exc: Exception) -> Response:
-    log.warning("request refused, Redis failed: %r", exc)
-    return problem_response(Unavailable("a backing service is unavailable; try again shortly"))
-
-
 async def _unhandled(_request: Request, exc: Exception) -> Response:
+    if backend_unreachable(exc):
+        # PostgreSQL or Redis is down or restarting: refused, not a fault.
+        log.warning("request refused, a backing service failed: %r", exc)
+        return problem_response(Unavailable("a backing service is unavailable; try again shortly"))
     log.exception("unhandled error", exc_info=exc)
     return problem_response(ChathubError("internal error"))
 
@@ -113,5 +112,4 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ChathubError, _chathub_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RedisError, _backend_unavailable)
     app.add_exception_handler(Exception, _unhandled)

@@ -20,7 +20,7 @@ from chathub.config import Settings
 from chathub.llm.base import estimate_tokens
 from chathub.server import metrics
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
-from chathub.server.session_log import Event, SessionLog, append_surely
+from chathub.server.session_log import Event, SessionLog
 from chathub.storage.db import transaction
 from chathub.storage.models import utcnow
 from chathub.storage.repositories import sessions as repo
@@ -141,8 +141,7 @@ class ReplyReaper:
             view = message_view(finished) if finished is not None else None
         if view is None:
             return False
-        event = await append_surely(
-            self.log,
+        event = await self.log.append(
             row.session_id,
             "reply.failed",
             {

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -46,11 +47,12 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from chathub.config import ConfigError
+from chathub.server import metrics
 from chathub.server.redis_bus import RedisSubscription, ping, redis_client, retry_once
-from chathub.server.session_log import Event, Listener, StaleReply, reply_fence
+from chathub.server.session_log import Event, Listener, LogUnavailable, StaleReply, reply_fence
 
 log = logging.getLogger("chathub.log")
 
@@ -142,9 +144,12 @@ class RedisSessionLog:
         ping_interval_s: float = 10.0,
         max_tracked_sessions: int = 100_000,
         shard: tuple[int, int] | None = None,
+        append_patience_s: float = 30.0,
     ) -> None:
         """``shard``: (index, count) when this log is one shard of a
-        :class:`ShardedSessionLog`."""
+        :class:`ShardedSessionLog`. ``append_patience_s``: how long an
+        append waits for an unreachable Redis before it gives up."""
+        self.append_patience_s = append_patience_s
         self.max_length = max(1, max_length)
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.seq_ttl_ms = max(self.ttl_ms, int((seq_ttl_s or DEFAULT_SEQ_TTL_S) * 1000))
@@ -209,18 +214,46 @@ class RedisSessionLog:
             floor,
             secrets.token_bytes(8),
         ]
-        try:
-            seq = int(
-                await retry_once(
-                    lambda again: self._append(keys=keys, args=[*args, int(again), fence, reply_id])
-                )
-            )
-        except ResponseError as exc:
-            if str(exc).startswith("STALE"):
-                raise StaleReply(f"reply {reply_id} no longer holds session {session_id}") from exc
-            raise
+        seq = await self._append_patiently(session_id, type, keys, args, fence, reply_id)
         _remember(self._appended, session_id, seq, self._max_tracked)
         return Event(session_id, seq, type, (head + str(seq).encode() + tail).decode())
+
+    async def _append_patiently(
+        self,
+        session_id: str,
+        type: str,
+        keys: list[str],
+        args: list[bytes | str | int],
+        fence: str,
+        reply_id: str,
+    ) -> int:
+        """Run the append script until Redis answers, for up to
+        ``append_patience_s``. A connection dropped or timed out after
+        sending may still have appended (or append once Redis wakes from a
+        stall): every try after the first says so, and the script returns
+        the seq of the first one that went through, found by its token."""
+        deadline = time.monotonic() + self.append_patience_s
+        delay = 0.0  # a pooled connection Redis closed: a fresh one at once
+        again = False
+        while True:
+            try:
+                return int(await self._append(keys=keys, args=[*args, int(again), fence, reply_id]))
+            except ResponseError as exc:
+                if str(exc).startswith("STALE"):
+                    raise StaleReply(
+                        f"reply {reply_id} no longer holds session {session_id}"
+                    ) from exc
+                raise
+            except (RedisError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    metrics.LOG_APPENDS_FAILED.inc()
+                    raise LogUnavailable(f"the session log could not take {type}: {exc}") from exc
+                if again:
+                    log.warning("append of %s to %s still failing (%r)", type, session_id, exc)
+                metrics.LOG_APPEND_RETRIES.inc()
+                await asyncio.sleep(delay)
+                delay = min(2.0, max(0.05, delay * 2))
+                again = True
 
     async def read_after(self, session_id: str, after_seq: int) -> list[Event] | None:
         after_seq = max(0, after_seq)

@@ -67,10 +67,10 @@ from chathub.server.extraction import Extractor
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
 from chathub.server.ratelimit import Decision, MemoryRateLimiter, RateLimiter, retry_after
 from chathub.server.reply_stream import DeltaWriter
-from chathub.server.session_log import SessionLog, StaleReply, append_surely
+from chathub.server.session_log import LogUnavailable, SessionLog, StaleReply
 from chathub.server.summarizer import HISTORY_LIMIT, SessionSummarizer
 from chathub.storage.blobs import BlobStore
-from chathub.storage.db import transaction
+from chathub.storage.db import backend_unreachable, transaction
 from chathub.storage.models import File as FileRow
 from chathub.storage.repositories import files as files_repo
 from chathub.storage.repositories import modes as modes_repo
@@ -85,6 +85,8 @@ EARLY_CANCELS_KEPT = 1000
 """Cancels of replies not (yet) running here that are remembered."""
 RATE_PERIOD_S = 60.0
 """The period of the rate limits: their numbers are per minute."""
+ENDING_PATIENCE_S = 30.0
+"""How long a reply's end waits for an unreachable database."""
 
 
 @dataclass(frozen=True)
@@ -668,6 +670,9 @@ class Replies:
             except StaleReply:
                 log.warning("reply %s was ended or replaced elsewhere; stopping it", run.reply_id)
                 run.lost = True
+            except LogUnavailable as exc:
+                log.error("reply %s stopped: %s", run.reply_id, exc)
+                failure = _failure_of(exc)
             except Exception as exc:
                 log.exception("reply %s failed", run.reply_id)
                 failure = ProviderError(f"internal error: {type(exc).__name__}", retryable=False)
@@ -682,8 +687,7 @@ class Replies:
             # Before generation began (the session log refused an event): the
             # reply still ends, and frees its session.
             log.exception("reply %s could not start", run.reply_id)
-            failure = ProviderError(f"internal error: {type(exc).__name__}", retryable=True)
-            failure.code = "internal"
+            failure = _failure_of(exc)
         await self._finish(run, failure)
 
     async def _finish(self, run: ReplyRun, failure: ProviderError | None) -> None:
@@ -696,9 +700,15 @@ class Replies:
                 except StaleReply:
                     log.warning("reply %s was ended or replaced elsewhere", run.reply_id)
                     run.lost = True
+                except Exception as exc:
+                    # The log refused the last deltas (Redis stayed down): the
+                    # reply ends with the text it holds, which clients saw.
+                    log.error("reply %s: its last deltas were not written: %s", run.reply_id, exc)
+                    failure = failure or _failure_of(exc)
                 text = run.writer.text
             if run.lost:
                 failure = ProviderError("the reply was taken over", retryable=True)
+                failure.code = "interrupted"
             usage_view = _usage_view(run)
             usage = Usage(usage_view["input_tokens"], usage_view["output_tokens"])
             if failure is None:
@@ -717,26 +727,13 @@ class Replies:
             # (nothing else appends to a session while its reply runs): its
             # seq is stored with the reply, in one transaction.
             ending_seq = max(run.last_seq, run.writer.last_seq if run.writer else 0) + 1
-            async with transaction(self.sessionmaker) as db:
-                finished = await repo.finish_reply_message(
-                    db,
-                    message_id=run.reply_id,
-                    content=text,
-                    status=status,
-                    stop_reason=stop_reason,
-                    usage=usage_view,
-                    trace={"steps": run.trace} if run.trace else None,
-                )
-                view = message_view(finished) if finished is not None else None
-                if view is not None:
-                    await repo.set_last_seq(db, session_id=run.session_id, seq=ending_seq)
+            view = await self._store_ending(run, text, status, stop_reason, usage_view, ending_seq)
             if view is None:
                 # Already ended elsewhere (a reaper): never a second ending.
                 log.warning("reply %s was already ended; not ending it again", run.reply_id)
                 return
             if failure is None:
-                event = await append_surely(
-                    self.log,
+                event = await self.log.append(
                     run.session_id,
                     "reply.completed",
                     {
@@ -747,8 +744,7 @@ class Replies:
                     },
                 )
             else:
-                event = await append_surely(
-                    self.log,
+                event = await self.log.append(
                     run.session_id,
                     "reply.failed",
                     {
@@ -771,6 +767,7 @@ class Replies:
                 async with transaction(self.sessionmaker) as db:
                     await repo.set_last_seq(db, session_id=run.session_id, seq=event.seq)
         except Exception:
+            metrics.REPLY_ENDINGS_LOST.inc()
             log.exception("could not finish reply %s", run.reply_id)
         finally:
             self.runs.pop(run.reply_id, None)
@@ -784,6 +781,54 @@ class Replies:
                 # moves past it (no model call) while the mode still says
                 # off, so turning extraction on later does not reach it.
                 self.extractor.schedule(run.team_id, run.session_id, run.provider)
+
+    async def _store_ending(
+        self,
+        run: ReplyRun,
+        text: str,
+        status: str,
+        stop_reason: str,
+        usage: dict[str, Any],
+        ending_seq: int,
+    ) -> dict[str, Any] | None:
+        """Store the finished reply, and ``ending_seq`` as the session's
+        ``last_seq``; its view, or None when the reply had already ended
+        elsewhere. While the database is unreachable (a restart, a
+        failover), try again for up to :data:`ENDING_PATIENCE_S`: a reply
+        whose ending is not stored never ends for its clients."""
+        deadline = time.monotonic() + ENDING_PATIENCE_S
+        delay = 0.1
+        tried = False
+        while True:
+            try:
+                async with transaction(self.sessionmaker) as db:
+                    finished = await repo.finish_reply_message(
+                        db,
+                        message_id=run.reply_id,
+                        content=text,
+                        status=status,
+                        stop_reason=stop_reason,
+                        usage=usage,
+                        trace={"steps": run.trace} if run.trace else None,
+                    )
+                    view = message_view(finished) if finished is not None else None
+                    if view is None and tried:
+                        # An earlier try may have committed before its
+                        # connection dropped: then that ending is ours.
+                        ours = await repo.finished_as(
+                            db, message_id=run.reply_id, content=text, stop_reason=stop_reason
+                        )
+                        view = message_view(ours) if ours is not None else None
+                    if view is not None:
+                        await repo.set_last_seq(db, session_id=run.session_id, seq=ending_seq)
+                return view
+            except Exception as exc:
+                if not backend_unreachable(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("could not store the end of reply %s yet: %r", run.reply_id, exc)
+                tried = True
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
 
     async def _append(self, run: ReplyRun, type_: str, data: dict[str, Any]) -> None:
         event = await self.log.append(run.session_id, type_, data)
@@ -896,6 +941,19 @@ class Replies:
             failure = ProviderError("the server stopped while replying", retryable=True)
             failure.code = "interrupted"
             await self._finish(run, failure)
+
+
+def _failure_of(exc: Exception) -> ProviderError:
+    """How a reply stopped by ``exc``, a fault outside the provider, ends:
+    ``unavailable`` (retryable) when the log or the database could not be
+    reached, else ``internal``."""
+    failure = ProviderError(f"internal error: {type(exc).__name__}", retryable=True)
+    if isinstance(exc, LogUnavailable) or backend_unreachable(exc):
+        failure = ProviderError("the session log or the database was unavailable", retryable=True)
+        failure.code = "unavailable"
+    else:
+        failure.code = "internal"
+    return failure
 
 
 def _usage_view(run: ReplyRun) -> dict[str, Any]:

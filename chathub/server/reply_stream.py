@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 from chathub.llm.guardrails import FilterOutput, HoldbackFilter, Policy
 from chathub.server import metrics
-from chathub.server.session_log import Event, SessionLog, StaleReply
+from chathub.server.session_log import Event, SessionLog
 
 AppendNow = Callable[[str, str, dict[str, Any]], Event]
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DeltaWriter:
@@ -58,6 +60,7 @@ class DeltaWriter:
         self._buffer: list[str] = []
         self._buffered = 0
         self._buffered_at = 0.0
+        self._half = ""  # the first half of a surrogate pair, for the next token
         self._raw: list[str] = []  # tokens collected for the next delta
         self._raw_chars = 0
         self._raw_timer: asyncio.TimerHandle | None = None
@@ -67,9 +70,11 @@ class DeltaWriter:
         self._poll_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_write: asyncio.Task[None] | None = None
-        # Set when a write in the background found the reply no longer
-        # holds its session: the next token, or finish, raises it.
-        self._stale: StaleReply | None = None
+        # Set when a write in the background failed (the reply no longer
+        # holds its session, or the log stayed unreachable): the next token,
+        # or finish, raises it. Nothing is written after it, so the deltas
+        # written stay the reply's text with no hole in it.
+        self._failed: Exception | None = None
         self._loop = asyncio.get_running_loop()
         # An in-process log appends without awaiting; see _flush_now.
         self._append_now: AppendNow | None = getattr(log, "append_now", None)
@@ -87,10 +92,14 @@ class DeltaWriter:
         """:meth:`write` without awaiting, for the per-token path: True when
         a delta is due that needs :meth:`write_due` (a log that appends by
         awaiting); else the token is fully handled."""
-        if self._stale is not None:
-            raise self._stale
+        if self._failed is not None:
+            raise self._failed
         if self.blocked:
             return False
+        if self._half or not token.isascii():
+            token = self._whole_code_points(token)
+            if not token:
+                return False
         if self.coalesce_s > 0:
             if not self._raw:
                 self._raw_timer = self._loop.call_later(self.coalesce_s, self._raw_due)
@@ -109,6 +118,18 @@ class DeltaWriter:
             self._flush_now(self._append_now)  # type: ignore[arg-type]
         self._arm_poll()
         return False
+
+    def _whole_code_points(self, token: str) -> str:
+        """``token`` as whole code points. Some proxies cut text by UTF-16
+        unit, so an emoji's surrogate pair can arrive split across two
+        deltas: the first half waits for the second, and a half with no
+        partner becomes U+FFFD (no JSON encoder takes a lone surrogate)."""
+        token, self._half = self._half + token, ""
+        if not _SURROGATE.search(token):
+            return token
+        if "\ud800" <= token[-1] <= "\udbff":
+            token, self._half = token[:-1], token[-1]
+        return token.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
     async def write_due(self) -> None:
         """Write the delta :meth:`take` found due."""
@@ -149,6 +170,9 @@ class DeltaWriter:
             if timer is not None:
                 timer.cancel()
         self._flush_timer = self._poll_timer = None
+        if self._half and not self.blocked:
+            self._half = ""
+            self.take("\ufffd")  # a first half the stream never completed
         self._filter_raw(self._loop.time())
         if not self.blocked and not self.filter.blocked:
             try:
@@ -158,8 +182,8 @@ class DeltaWriter:
             self._accept(out, self._loop.time())
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._stale is not None:
-            raise self._stale
+        if self._failed is not None:
+            raise self._failed
         await self._flush()
 
     def _accept(self, out: FilterOutput, now: float) -> bool:
@@ -199,8 +223,8 @@ class DeltaWriter:
     def _flushed(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         error = None if task.cancelled() else task.exception()
-        if isinstance(error, StaleReply) and self._stale is None:
-            self._stale = error
+        if isinstance(error, Exception) and self._failed is None:
+            self._failed = error
 
     def _flush_later(self) -> None:
         self._flush_timer = None
@@ -264,22 +288,28 @@ class DeltaWriter:
 
     async def _flush(self) -> None:
         """Write the buffer as one ``reply.delta``, then any guardrail events;
-        ordered by a lock."""
+        ordered by a lock. After a failed write, nothing more is written."""
         async with self._lock:
             if self._last_write is not None and not self._last_write.done():
                 # A write cut off by a cancel goes first: deltas stay in order.
                 await asyncio.shield(self._last_write)
+            if self._failed is not None:
+                raise self._failed
             if self._buffer:
                 text = self._take_buffer()
                 # Shielded: a cancel arriving mid-append must not lose track
                 # of text the log may already hold.
                 write = self._last_write = self._loop.create_task(self._append_delta(text))
                 self._tasks.add(write)
-                write.add_done_callback(self._tasks.discard)
+                write.add_done_callback(self._flushed)
                 await asyncio.shield(write)
             elif self._flush_timer is not None:
                 self._flush_timer.cancel()
                 self._flush_timer = None
-            for type_, data in self._take_actions():
-                event = await self.log.append(self.session_id, type_, data)
-                self.last_seq = max(self.last_seq, event.seq)
+            try:
+                for type_, data in self._take_actions():
+                    event = await self.log.append(self.session_id, type_, data)
+                    self.last_seq = max(self.last_seq, event.seq)
+            except Exception as exc:
+                self._failed = self._failed or exc
+                raise

@@ -12,7 +12,6 @@ the Redis one (``chathub.server.redis_log``), chosen by ``create_session_log``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
@@ -21,13 +20,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
-from redis.exceptions import RedisError
 
 from chathub.config import Settings
+from chathub.errors import Unavailable
 
 logger = logging.getLogger("chathub.log")
 
 REPLY_ENDINGS = frozenset({"reply.completed", "reply.failed"})
+
+
+class LogUnavailable(Unavailable):
+    """The log could not take an event: its store (Redis) stayed unreachable
+    for as long as an append waits for it (``append_patience_s``)."""
 
 
 class StaleReply(Exception):
@@ -77,7 +81,10 @@ Listener = Callable[[Event], None]
 class SessionLog(Protocol):
     async def append(self, session_id: str, type: str, data: dict[str, Any]) -> Event:
         """Append an event with the session's next ``seq``; listeners on this
-        instance receive it (for the memory log, before this returns)."""
+        instance receive it (for the memory log, before this returns). While
+        the store is unreachable, wait for it (the Redis log: up to
+        ``append_patience_s``, trying the same append again, never twice),
+        then raise :class:`LogUnavailable`."""
         ...
 
     async def read_after(self, session_id: str, after_seq: int) -> list[Event] | None:
@@ -215,27 +222,6 @@ class MemorySessionLog:
 
     async def ready(self) -> bool:
         return True
-
-
-async def append_surely(
-    log: SessionLog, session_id: str, type: str, data: dict[str, Any], *, for_s: float = 30.0
-) -> Event:
-    """Append an event that must not be lost (the end of a reply, already
-    stored): while the log is unreachable (Redis restarting) try again, with
-    backoff, for up to ``for_s`` seconds. Without it, sockets would never hear
-    that the reply ended, and the session's stored ``last_seq`` would fall
-    behind the seqs its clients have seen."""
-    deadline = time.monotonic() + for_s
-    delay = 0.1
-    while True:
-        try:
-            return await log.append(session_id, type, data)
-        except (RedisError, OSError) as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            logger.warning("could not append %s (%s); retrying in %.1f s", type, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(2.0, delay * 2)
 
 
 def create_session_log(settings: Settings) -> SessionLog:

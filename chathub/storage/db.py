@@ -6,7 +6,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from redis.exceptions import RedisError
 from sqlalchemy import CursorResult, event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -67,3 +70,23 @@ def rowcount(result: Any) -> int:
     as returning a plain ``Result``)."""
     assert isinstance(result, CursorResult)
     return result.rowcount
+
+
+def backend_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says a backing service could not be reached, or
+    dropped the connection mid-statement (a restart, a failover, the
+    network), rather than refusing what was asked of it: the request may
+    succeed once it is back (503 ``unavailable``, or a retry).
+
+    PostgreSQL: a refused connect is a plain ``OSError``; a connection
+    closed under a statement, a ``DBAPIError`` that invalidated it; a
+    server shutting down or starting, SQLSTATE class 08 or 57P. Redis: any
+    ``RedisError`` that reaches this far."""
+    if isinstance(exc, OSError | PoolTimeout | RedisError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        return isinstance(sqlstate, str) and sqlstate.startswith(("08", "57P"))
+    return False

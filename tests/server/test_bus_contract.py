@@ -19,8 +19,8 @@ from prometheus_client import REGISTRY
 from chathub.server.bus import Bus, MemoryBus
 from chathub.server.redis_bus import RedisBus, RedisSubscription
 from tests.harness import REDIS_URL
+from tests.proxy import RedisProxy
 from tests.server.test_session_log_contract import (
-    RedisProxy,
     eventually,
     kill_client,
     pubsub_client_ids,

@@ -23,7 +23,8 @@ from chathub.server.leases import (
     create_leases,
 )
 from tests.harness import REDIS_URL
-from tests.server.test_session_log_contract import RedisProxy, drop_keys
+from tests.proxy import RedisProxy
+from tests.server.test_session_log_contract import drop_keys
 
 pytestmark = pytest.mark.timeout(60)
 

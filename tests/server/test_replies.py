@@ -13,6 +13,7 @@ import httpx
 from chathub.auth import Principal
 from chathub.server.leases import MemoryReplyLeases
 from chathub.server.replies import Replies
+from chathub.server.session_log import LogUnavailable
 from chathub.storage.db import transaction
 from chathub.storage.repositories import sessions as sessions_repo
 from tests.harness import (
@@ -515,7 +516,7 @@ async def test_a_reply_whose_first_event_cannot_be_logged_ends_and_frees_the_ses
         async def refuse_once(session_id: str, type_: str, data: Any) -> Any:
             if type_ == "message.created" and not failed:
                 failed.append(type_)
-                raise ConnectionError("the session log is unreachable")
+                raise LogUnavailable("the session log is unreachable")
             return await append(session_id, type_, data)
 
         session_log.append = refuse_once  # type: ignore[method-assign]
@@ -524,7 +525,7 @@ async def test_a_reply_whose_first_event_cannot_be_logged_ends_and_frees_the_ses
             await ws.request({"type": "join", "session_id": sid})
             first = await send_message(ws, sid, "c1")
             ended = await reply_finished(ws, first["reply_id"], timeout=10)
-            assert ended["type"] == "reply.failed" and ended["code"] == "internal", ended
+            assert ended["type"] == "reply.failed" and ended["code"] == "unavailable", ended
             assert ended["retryable"] is True
             # the session is free: the next message is answered
             second = await send_message(ws, sid, "c2", "again")

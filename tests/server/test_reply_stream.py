@@ -5,12 +5,13 @@ tokens of a delta together, once the delta is due)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from chathub.llm.guardrails import Policy, redact_all
 from chathub.server.reply_stream import DeltaWriter
-from chathub.server.session_log import Event, MemorySessionLog
+from chathub.server.session_log import Event, LogUnavailable, MemorySessionLog
 
 TEXT = (
     "Sure. Write to ana.lopez@example.com, or call +44 20 7946 0958. "
@@ -126,3 +127,61 @@ async def test_a_blocked_phrase_ends_the_output(coalesce_s: float) -> None:
         ("reply.guardrail", "blocked")
     ]
     assert writer.last_seq == events[-1].seq
+
+
+@pytest.mark.parametrize("coalesce_s", [0.0, 0.03], ids=["off", "30ms"])
+async def test_a_surrogate_pair_split_across_tokens_is_joined(coalesce_s: float) -> None:
+    """Some proxies cut text by UTF-16 unit: the halves of an emoji arrive
+    in two tokens. Each delta holds whole code points (a lone half, which no
+    JSON encoder takes, becomes U+FFFD)."""
+    log = MemorySessionLog()
+    events = _events(log)
+    writer = _writer(log, coalesce_s=coalesce_s)
+    for token in ("smile ", "\ud83d", "\ude00", " done ", "\ude00", "x", "\ud83d"):
+        await writer.write(token)
+        await asyncio.sleep(0.05)  # each token its own delta where it can be
+    await writer.finish()
+    assert writer.text == "smile \U0001f600 done \ufffdx\ufffd"
+    assert "".join(_deltas(events)) == writer.text
+
+
+class FailingLog(MemorySessionLog):
+    """An in-process log whose appends await (as Redis's do) and that
+    refuses the ``fail_at``-th delta as an unreachable store would."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.deltas = 0
+
+    append_now = None  # type: ignore[assignment]
+
+    async def append(self, session_id: str, type: str, data: dict[str, Any]) -> Event:
+        await asyncio.sleep(0)
+        if type == "reply.delta":
+            self.deltas += 1
+            if self.deltas == self.fail_at:
+                raise LogUnavailable("the session log could not take reply.delta")
+        return MemorySessionLog.append_now(self, session_id, type, data)
+
+
+@pytest.mark.parametrize("coalesce_s", [0.0, 0.02], ids=["off", "20ms"])
+async def test_after_a_delta_the_log_refused_nothing_more_is_written(coalesce_s: float) -> None:
+    """A delta lost in the middle would leave a hole in the reply: after a
+    refused write (in the background, for coalesced deltas, too) the next
+    token and the end raise, and the deltas written are the writer's text."""
+    log = FailingLog(fail_at=3)
+    events = _events(log)
+    writer = _writer(log, coalesce_s=coalesce_s)
+    words = [f"word{i} " for i in range(40)]
+    with pytest.raises(LogUnavailable):
+        for word in words:
+            await writer.write(word)
+            await asyncio.sleep(0.01)
+        await writer.finish()
+    with pytest.raises(LogUnavailable):
+        await writer.finish()
+    assert log.deltas == 3
+    written = "".join(_deltas(events))
+    assert written == writer.text
+    assert "".join(words).startswith(written) and written

@@ -22,8 +22,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from chathub.server.redis_log import RedisSessionLog, ShardedSessionLog
-from chathub.server.session_log import Event, MemorySessionLog, SessionLog, StaleReply
+from chathub.server.session_log import (
+    Event,
+    LogUnavailable,
+    MemorySessionLog,
+    SessionLog,
+    StaleReply,
+)
 from tests.harness import REDIS_URL, eventually
+from tests.proxy import RedisProxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,6 +77,7 @@ class Logs:
         ttl_s: float = 86_400,
         url: str = REDIS_URL,
         ping_interval_s: float = 10.0,
+        append_patience_s: float = 30.0,
     ) -> list[SessionLog]:
         if self.backend == "memory":
             shared = MemorySessionLog(max_length=max_length, ttl_s=ttl_s)
@@ -81,6 +89,7 @@ class Logs:
             "prefix": self.prefix,
             "reconnect_max_s": 0.2,
             "ping_interval_s": ping_interval_s,
+            "append_patience_s": append_patience_s,
         }
         logs: list[SessionLog] = []
         for _ in range(count):
@@ -459,95 +468,11 @@ async def test_listener_keeps_delivering_after_its_connection_is_killed() -> Non
         await drop_keys(logs.prefix)
 
 
-class RedisProxy:
-    """A TCP proxy in front of Redis that a test can cut (drop every
-    connection and refuse new ones) and restore on the same port."""
-
-    def __init__(self, target_url: str) -> None:
-        parts = urlsplit(target_url)
-        self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
-        self.db = parts.path or "/0"
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._drop_after: int | None = None
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}{self.db}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    def freeze(self) -> None:
-        """Keep every connection open but pass nothing on (a silent network
-        partition: no error, no FIN, no RST)."""
-        self._flowing.clear()
-
-    def thaw(self) -> None:
-        self._flowing.set()
-
-    def drop_next_reply(self, skip: int = 0) -> None:
-        """Pass ``skip`` answers on, then drop the connection that carries
-        the next one instead (its request did reach Redis)."""
-        self._drop_after = skip
-
-    async def stop(self) -> None:
-        await self.cut()
-        for task in list(self._tasks):
-            task.cancel()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers.update((writer, up_writer))
-        for task in (
-            asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer, answers=True)),
-        ):
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: bool = False
-    ) -> None:
-        try:
-            while data := await reader.read(65536):
-                await self._flowing.wait()
-                if answers and self._drop_after is not None:
-                    if self._drop_after == 0:
-                        self._drop_after = None
-                        break
-                    self._drop_after -= 1
-                writer.write(data)
-                await writer.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.transport.abort()
-            self._writers.discard(writer)
-
-
 async def timed(awaitable: Awaitable[Any]) -> float:
     started = time.monotonic()
     try:
         await awaitable
-    except (RedisError, OSError):
+    except (RedisError, OSError, LogUnavailable):
         return time.monotonic() - started
     raise AssertionError("expected the call to fail while Redis is unreachable")
 
@@ -558,7 +483,7 @@ async def test_outage_is_reported_and_events_from_it_are_recovered() -> None:
     await proxy.start()
     logs = Logs("redis")
     try:
-        (watcher,) = await logs.make(1, url=proxy.url)
+        (watcher,) = await logs.make(1, url=proxy.url, append_patience_s=1.0)
         (writer,) = await logs.make(1)
         sid = new_session()
         assert isinstance(watcher, RedisSessionLog)
@@ -571,7 +496,8 @@ async def test_outage_is_reported_and_events_from_it_are_recovered() -> None:
         await proxy.cut()
         await eventually(lambda: not watcher.subscription.connected)
         assert not await watcher.ready()
-        # Appending through a dead connection fails fast instead of hanging.
+        # Appending through a dead connection waits for Redis as long as
+        # its patience, then gives up, instead of hanging.
         assert await timed(watcher.append(sid, "x", {})) < 5
         # The whole reply happens while the watcher is cut off: nothing later
         # would reveal a gap, so only the reconnection can recover it.

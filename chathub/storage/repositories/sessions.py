@@ -300,6 +300,16 @@ async def finish_reply_message(
     return result.first()
 
 
+async def finished_as(
+    session: AsyncSession, *, message_id: str, content: str, stop_reason: str
+) -> Message | None:
+    """The reply, if it has ended with this text and stop reason."""
+    row = await session.get(Message, message_id, populate_existing=True)
+    if row is None or row.status == "streaming":
+        return None
+    return row if (row.content, row.stop_reason) == (content, stop_reason) else None
+
+
 async def checkpoint_reply(session: AsyncSession, *, message_id: str, content: str) -> bool:
     """Store the text a reply has streamed so far, while it still streams
     (never over a finished reply's text). True when it was stored."""
