@@ -21,7 +21,7 @@ from chathub.llm.base import estimate_tokens
 from chathub.server import metrics
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
 from chathub.server.session_log import Event, SessionLog
-from chathub.storage.db import transaction
+from chathub.storage.db import backend_unreachable, transaction
 from chathub.storage.models import utcnow
 from chathub.storage.repositories import sessions as repo
 from chathub.wire import message_view
@@ -63,7 +63,9 @@ class ReplyReaper:
     async def _reap_forever(self, left_over: bool) -> None:
         period = max(0.2, self.settings.lease_ttl_s / 2)
         sweep_every = 30
-        rounds = 0
+        # The first sweep comes a few rounds after startup, not a whole
+        # interval: replicas restarted more often than that still sweep.
+        rounds = sweep_every - 3
         while True:
             await asyncio.sleep(period)
             try:
@@ -77,8 +79,13 @@ class ReplyReaper:
                         started_before=utcnow()
                         - timedelta(seconds=self.settings.reply_timeout_s + 60)
                     )
-            except Exception:
-                log.exception("reaper round failed")
+            except Exception as exc:
+                if backend_unreachable(exc):
+                    # Redis or PostgreSQL is down: say so, without a
+                    # traceback every round; the next round tries again.
+                    log.warning("reaper round skipped: %r", exc)
+                else:
+                    log.exception("reaper round failed")
 
     async def reap_once(self) -> int:
         """End every reply whose lease expired (its instance died); each is
