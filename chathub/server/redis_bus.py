@@ -57,7 +57,9 @@ def redis_client(url: str, *, name: str | None = None) -> aioredis.Redis:
     """A client that fails fast and never retries by itself: a blindly
     retried script could run twice (an event appended twice), and a pub/sub
     connection quietly reconnected inside redis-py would hide the messages
-    lost meanwhile. Callers retry explicitly with :func:`retry_once`.
+    lost meanwhile. Callers retry explicitly: with :func:`retry_once`, or,
+    for the session log's appends, for as long as its patience (each try
+    after the first looks for the first one's token before appending).
 
     Its pool blocks: past ``POOL_SIZE`` commands in flight (a burst of joins
     after a deploy) a command waits up to ``POOL_WAIT_S`` for a connection
