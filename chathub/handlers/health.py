@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.responses import JSONResponse, Response
 
 from chathub import __version__
@@ -37,27 +40,36 @@ async def metrics_endpoint(state: StateDep) -> Response:
 
 @router.get("/readyz", responses={503: errors(503)[503]})
 async def readyz(state: StateDep) -> Response:
-    """Ready when the database, the bus and the LLM provider answer; when
-    not, a problem (``unavailable``) whose ``checks`` say which did not."""
-    checks: dict[str, Any] = {}
-    try:
-        async with asyncio.timeout(3):
-            async with state.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"error: {type(exc).__name__}"
-    for name, probe in (
-        ("bus", state.bus.ready),
-        ("session_log", state.session_log.ready),
-        ("llm", state.provider.ready),
-    ):
-        try:
-            async with asyncio.timeout(3):
-                checks[name] = "ok" if await probe() else "error"
-        except Exception as exc:
-            checks[name] = f"error: {type(exc).__name__}"
+    """Ready when the database, the bus and every LLM provider answer (the
+    default one as ``llm``, each of ``CHATHUB_LLM_PROVIDERS`` as
+    ``llm:NAME``); when not, a problem (``unavailable``) whose ``checks`` say
+    which did not. The probes run together, each given 3 s."""
+    probes: dict[str, Callable[[], Awaitable[bool]]] = {
+        "database": partial(_database_ready, state.engine),
+        "bus": state.bus.ready,
+        "session_log": state.session_log.ready,
+        "llm": state.provider.ready,
+    }
+    for name, provider in state.named_providers.items():
+        probes[f"llm:{name}"] = provider.ready
+    results = await asyncio.gather(*(_check(probe) for probe in probes.values()))
+    checks: dict[str, Any] = dict(zip(probes, results, strict=True))
     failed = [name for name, result in checks.items() if result != "ok"]
     if failed:
         return problem_response(Unavailable(f"not ready: {', '.join(failed)}", checks=checks))
     return JSONResponse({"status": "ready", "checks": checks})
+
+
+async def _database_ready(engine: AsyncEngine) -> bool:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+    return True
+
+
+async def _check(probe: Callable[[], Awaitable[bool]]) -> str:
+    """``ok``, ``error`` (the probe said no), or ``error: ExceptionName``."""
+    try:
+        async with asyncio.timeout(3):
+            return "ok" if await probe() else "error"
+    except Exception as exc:
+        return f"error: {type(exc).__name__}"

@@ -138,6 +138,7 @@ def create_app(
             tokens=tokens,
             blobs=blobs,
             provider=provider,
+            named_providers=named_providers,
             session_log=session_log,
             bus=bus,
             hub=hub,

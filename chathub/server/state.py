@@ -28,6 +28,8 @@ class AppState:
     tokens: TokenCodec
     blobs: BlobStore
     provider: LLMProvider
+    named_providers: dict[str, LLMProvider]
+    """The operator's further providers (``CHATHUB_LLM_PROVIDERS``), by name."""
     session_log: SessionLog
     bus: Bus
     hub: Hub

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import httpx
 
-from tests.harness import TeamFixture
+from tests.harness import TeamFixture, http_client, server_on
 
 
 async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
@@ -17,6 +20,29 @@ async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
         "session_log": "ok",
         "llm": "ok",
     }
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_readyz_checks_the_named_providers_too(tmp_path: Path) -> None:
+    """A mode's provider (CHATHUB_LLM_PROVIDERS) that cannot be reached makes
+    the instance not ready, and the checks name it."""
+    down = f"openai://gpt-test?base_url=http://127.0.0.1:{closed_port()}/v1"
+    async with (
+        server_on("sqlite", tmp_path, llm_providers={"fast": "scripted://", "down": down}) as srv,
+        http_client(srv) as client,
+    ):
+        ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    checks = ready.json()["checks"]
+    assert checks["llm"] == "ok"
+    assert checks["llm:fast"] == "ok"
+    assert checks["llm:down"] == "error"
 
 
 async def test_metrics_count_requests_by_route(
