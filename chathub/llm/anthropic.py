@@ -32,14 +32,22 @@ arrives as ``event: error`` on the 200 response and the SDK raises a plain
       other 5xx (InternalServerError), 409               -> ProviderOverloaded
     timeout_error, 408, APITimeoutError                  -> ProviderTimeout
     APIConnectionError, transport errors, a stream
-      that ends before its message does                  -> ProviderConnection
+      that ends before its message does, an event
+      that is not JSON (a garbled stream)                -> ProviderConnection
     invalid_request_error, authentication_error,
       permission_error, not_found_error, ..., other 4xx  -> ProviderRejected
+
+An HTTP error keeps what its headers say about trying again
+(:func:`~chathub.llm.base.with_retry_advice`: ``retry-after-ms``,
+``retry-after``, ``x-should-retry``). A stream that fails after
+``message_start`` keeps the input tokens it reported there
+(:attr:`~chathub.llm.base.ProviderError.input_tokens`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
@@ -62,6 +70,7 @@ from chathub.llm.base import (
     TextDelta,
     Usage,
     parse_json_object,
+    with_retry_advice,
 )
 from chathub.llm.factory import url_flag, url_float, url_model, url_params
 
@@ -77,6 +86,9 @@ STOP_REASONS: dict[str, StopReason] = {
 """Anthropic's stop reasons in ours; an unknown one counts as ``end_turn``."""
 
 _PARAMS = {"base_url", "timeout", "send_temperature"}
+_FAILURES = (anthropic.AnthropicError, httpx2.HTTPError, json.JSONDecodeError)
+"""What a call through the SDK can raise for a fault of the API or the way to
+it (an event the SDK cannot decode is a ``JSONDecodeError``)."""
 _ERRORS_BY_TYPE: dict[str, Callable[[str], ProviderError]] = {
     "rate_limit_error": ProviderRateLimited,
     "overloaded_error": ProviderOverloaded,
@@ -172,8 +184,10 @@ class AnthropicProvider:
         """Text deltas as they arrive, then the stop reason and usage: input
         tokens (including cache reads and writes) from ``message_start``,
         cumulative output tokens from the last ``message_delta``. A stream that
-        ends without a stop reason raises :class:`ProviderConnection`."""
-        input_tokens = output_tokens = 0
+        ends without a stop reason raises :class:`ProviderConnection`; an
+        error after ``message_start`` carries its input tokens."""
+        input_tokens: int | None = None  # the API's count, once message_start came
+        output_tokens = 0
         stop_reason: StopReason | None = None
         try:
             async with self._events(request) as events:
@@ -191,17 +205,22 @@ class AnthropicProvider:
                         output_tokens = usage.get("output_tokens") or 0
                     elif kind == "message_delta":
                         usage = event.get("usage") or {}
-                        output_tokens = usage.get("output_tokens") or output_tokens
+                        # 0 is a count (an empty reply), not a missing one.
+                        if usage.get("output_tokens") is not None:
+                            output_tokens = usage["output_tokens"]
                         if usage.get("input_tokens") is not None:
                             input_tokens = _total_input(usage)
                         reason = (event.get("delta") or {}).get("stop_reason")
                         if reason is not None:
                             stop_reason = STOP_REASONS.get(reason, "end_turn")
-        except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
-            raise provider_error(exc) from exc
+        except _FAILURES as exc:
+            raise _with_input(provider_error(exc), input_tokens) from exc
         if stop_reason is None:
-            raise ProviderConnection("anthropic: the stream ended before the message did")
-        yield StreamEnd(stop_reason, Usage(input_tokens, output_tokens))
+            raise _with_input(
+                ProviderConnection("anthropic: the stream ended before the message did"),
+                input_tokens,
+            )
+        yield StreamEnd(stop_reason, Usage(input_tokens or 0, output_tokens))
 
     async def count_tokens(self, request: CompletionRequest) -> int:
         """Input tokens of ``request`` as the API counts them (``count_tokens``
@@ -211,7 +230,7 @@ class AnthropicProvider:
         arguments.pop("extra_body", None)
         try:
             counted = await self._client.messages.count_tokens(**arguments)
-        except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+        except _FAILURES as exc:
             raise provider_error(exc) from exc
         return counted.input_tokens
 
@@ -254,7 +273,7 @@ class AnthropicProvider:
                             pieces.append(delta.get("partial_json") or "")
                     elif kind == "message_delta":
                         stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
-        except (anthropic.AnthropicError, httpx2.HTTPError) as exc:
+        except _FAILURES as exc:
             raise provider_error(exc) from exc
         if tool_index is None:
             raise ProviderRejected(f"anthropic: the model did not call the tool {name!r}")
@@ -269,7 +288,7 @@ class AnthropicProvider:
         no tokens spent); False on any error, including an unknown model."""
         try:
             await self._client.models.retrieve(self.model, timeout=5.0)
-        except (anthropic.AnthropicError, httpx2.HTTPError):
+        except _FAILURES:
             return False
         return True
 
@@ -283,24 +302,38 @@ def provider_error(exc: BaseException) -> ProviderError:
         return ProviderTimeout(f"anthropic: {exc}")
     if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
         return ProviderConnection(f"anthropic: {exc}")
+    if isinstance(exc, json.JSONDecodeError):
+        # Bytes that are not what the API sends: a stream garbled or cut on
+        # the way (a proxy, say). The request was fine; sending it again is.
+        return ProviderConnection(f"anthropic: the response is not valid JSON ({exc})")
     if isinstance(exc, anthropic.APIStatusError):
-        status, kind = exc.status_code, exc.type
-        message = f"anthropic {status} {kind or 'error'}: {exc.api_message or exc}"
-        # The body's type decides first: it is all a mid-stream `event: error` has.
-        by_type = _ERRORS_BY_TYPE.get(kind or "")
-        if by_type is not None:
-            return by_type(message)
-        if status == 429:
-            return ProviderRateLimited(message)
-        if status == 408:
-            return ProviderTimeout(message)
-        if status >= 500 or status == 409 or status < 400:
-            # 5xx and lock conflicts pass; so may an unknown error event on a 200
-            # stream: the server failed after accepting the request.
-            return ProviderOverloaded(message)
-        return ProviderRejected(message)
+        return with_retry_advice(_status_error(exc), exc.response.headers)
     # Bad response shape, missing credentials (TypeError from the SDK), and the like.
     return ProviderRejected(f"anthropic: {exc}")
+
+
+def _status_error(exc: anthropic.APIStatusError) -> ProviderError:
+    status, kind = exc.status_code, exc.type
+    message = f"anthropic {status} {kind or 'error'}: {exc.api_message or exc}"
+    # The body's type decides first: it is all a mid-stream `event: error` has.
+    by_type = _ERRORS_BY_TYPE.get(kind or "")
+    if by_type is not None:
+        return by_type(message)
+    if status == 429:
+        return ProviderRateLimited(message)
+    if status == 408:
+        return ProviderTimeout(message)
+    if status >= 500 or status == 409 or status < 400:
+        # 5xx and lock conflicts pass; so may an unknown error event on a 200
+        # stream: the server failed after accepting the request.
+        return ProviderOverloaded(message)
+    return ProviderRejected(message)
+
+
+def _with_input(error: ProviderError, input_tokens: int | None) -> ProviderError:
+    """``error`` carrying the API's input count, if ``message_start`` brought one."""
+    error.input_tokens = input_tokens
+    return error
 
 
 def _messages(request: CompletionRequest) -> list[MessageParam]:

@@ -5,15 +5,22 @@
     ├── ProviderOverloaded    retryable, code "overloaded"
     ├── ProviderTimeout       retryable, code "timeout"
     ├── ProviderConnection    retryable, code "connection"
-    └── ProviderRejected      not retryable, code "provider_rejected" (4xx: bad request, auth)
+    ├── ProviderRejected      not retryable, code "provider_rejected" (4xx: bad request, auth)
+    └── ProviderPreempted     not retryable, code "preempted" (background work stopped
+                              for a user's reply: its owner runs it again later)
 
-SDK exceptions never leave ``chathub.llm``: each provider maps them here.
+SDK exceptions never leave ``chathub.llm``: each provider maps them here,
+with what the response said about trying again (:func:`with_retry_advice`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import json
-from collections.abc import AsyncIterator
+import math
+import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -36,6 +43,11 @@ class CompletionRequest:
     model: str | None = None
     temperature: float = 0.7
     max_tokens: int = 1024
+    background: bool = False
+    """Work no user is waiting for (extraction, summaries). A provider that
+    runs one generation at a time (``local://``) runs it after the
+    interactive ones and stops it for them (:class:`ProviderPreempted`);
+    the others ignore it."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,14 @@ def estimate_request_tokens(request: CompletionRequest) -> int:
 
 class ProviderError(Exception):
     code: str = "provider_error"
+    retry_after: float | None = None
+    """Seconds the provider asked to wait before the next attempt (its
+    ``retry-after-ms`` or ``Retry-After`` header); None when it did not say."""
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    """The provider's own counts for the failed call, where they arrived
+    before it failed (Anthropic's ``message_start`` carries the input's);
+    None for a count that never came."""
 
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
@@ -118,6 +138,63 @@ class ProviderRejected(ProviderError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retryable=False)
+
+
+class ProviderPreempted(ProviderError):
+    """A background generation (:attr:`CompletionRequest.background`) stopped
+    for an interactive one. Not retried by :mod:`chathub.llm.retry`: a retry
+    would only queue behind the reply that stopped it; the work's owner
+    schedules it again."""
+
+    code = "preempted"
+
+    def __init__(self, message: str = "stopped for a user's reply") -> None:
+        super().__init__(message, retryable=False)
+
+
+def retry_after_of(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds a response's headers ask to wait before trying again:
+    ``retry-after-ms`` (milliseconds, OpenAI's and Anthropic's), else
+    ``Retry-After`` (seconds, or an HTTP date; ``now`` is the epoch time to
+    count from). Never negative; None when neither says anything usable."""
+    raw_ms = headers.get("retry-after-ms")
+    raw = headers.get("retry-after")
+    seconds: float | None = None
+    if raw_ms is not None:
+        seconds = _number(raw_ms)
+        if seconds is not None:
+            seconds /= 1000
+    if seconds is None and raw is not None:
+        seconds = _number(raw)
+        if seconds is None:
+            try:
+                date = email.utils.parsedate_to_datetime(raw)
+            except (TypeError, ValueError):
+                return None
+            if date.tzinfo is None:  # "-0000"; an HTTP date is always UTC
+                date = date.replace(tzinfo=dt.UTC)
+            seconds = date.timestamp() - (time.time() if now is None else now)
+    return None if seconds is None else max(0.0, seconds)
+
+
+def with_retry_advice(error: ProviderError, headers: Mapping[str, str]) -> ProviderError:
+    """``error`` with what the response ``headers`` say about trying again:
+    :attr:`ProviderError.retry_after` (:func:`retry_after_of`), and not
+    retryable at all when the provider says ``x-should-retry: false``.
+    (``true`` changes nothing: whether a failure is transient is decided by
+    its kind.)"""
+    error.retry_after = retry_after_of(headers)
+    if headers.get("x-should-retry", "").strip().lower() == "false":
+        error.retryable = False
+    return error
+
+
+def _number(raw: str) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return None if math.isnan(value) else value
 
 
 class LLMProvider(Protocol):

@@ -44,6 +44,7 @@ from chathub.llm.base import (
     CompletionRequest,
     LLMProvider,
     ProviderError,
+    ProviderPreempted,
     StructuredOutput,
 )
 from chathub.llm.retry import PROVIDER_ERRORS
@@ -228,6 +229,7 @@ def _request(messages: Sequence[Source], today: dt.date, errors: str | None) -> 
         system=INSTRUCTIONS.format(today=today.isoformat()),
         temperature=0.0,
         max_tokens=800,
+        background=True,  # nobody waits for it: users' replies go first
     )
 
 
@@ -264,7 +266,10 @@ async def extract(
     provider: LLMProvider, messages: Sequence[Source], *, today: dt.date
 ) -> ExtractionResult:
     """Ask the model (twice at most), keep the valid items of its last
-    answer, then fall back to the markers when that leaves nothing."""
+    answer, then fall back to the markers when that leaves nothing. The
+    model is asked as background work; stopped for a user's reply, it raises
+    :class:`ProviderPreempted` rather than fall back: the messages are read
+    again later, by the model."""
     ids = tuple(m.id for m in messages)
     first_user = next((m.id for m in messages if m.role == "user"), ids[0] if ids else None)
     if isinstance(provider, StructuredOutput):
@@ -283,6 +288,8 @@ async def extract(
                 log.info("extraction answer invalid: %s", errors)
             except ProviderError as exc:
                 PROVIDER_ERRORS.labels(code=exc.code).inc()
+                if isinstance(exc, ProviderPreempted):
+                    raise
                 log.info("extraction by the model failed (%s)", exc.code)
                 break
         kept = salvage(raw)

@@ -13,13 +13,23 @@ piece is a :class:`ConfigError` at startup, not an error on the first message.
 
 Threading. llama.cpp generation is blocking C code and a context is not thread
 safe, so every call that touches the model's context (load, generation, close)
-runs on one dedicated worker thread: a single-thread executor, which serialises
-generations first-come first-served. Tokens go back to the event loop through
+runs on one dedicated worker thread: a single-thread executor, which runs one
+generation at a time. Tokens go back to the event loop through
 ``call_soon_threadsafe`` into an :class:`asyncio.Queue`. When the consumer stops
 (``aclose``, cancellation), the worker is told to stop and stops before the
 next token; the stream's cleanup waits for it. Tokenising (``count_tokens``)
 only reads the vocabulary, so it runs on another thread without waiting for a
 generation to finish.
+
+Order. A user waits for an interactive generation (a reply, a step of a
+reply's reasoning flow); nobody waits for a background one
+(:attr:`~chathub.llm.base.CompletionRequest.background`: extraction,
+summaries), which may run for many seconds. So interactive generations go to
+the worker at once, first come first served, and background ones one at a
+time, only while no interactive one is waiting or running; an interactive one
+that arrives stops the background one on the worker before its next token,
+which then raises :class:`~chathub.llm.base.ProviderPreempted`
+(:class:`GenerationOrder`).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from chathub.config import ConfigError
 from chathub.llm.base import (
     CompletionRequest,
     ProviderError,
+    ProviderPreempted,
     ProviderRejected,
     StopReason,
     StreamEnd,
@@ -49,6 +60,7 @@ from chathub.llm.base import (
     parse_json_object,
 )
 from chathub.llm.factory import url_params
+from chathub.llm.generation_order import GenerationOrder
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -115,6 +127,7 @@ class LocalProvider:
         self._worker = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="chathub-llama"
         )
+        self._order = GenerationOrder()
         self._load_lock = asyncio.Lock()
         self._closed = False
 
@@ -187,10 +200,18 @@ class LocalProvider:
 
     # -- generating ------------------------------------------------------------
 
+    @property
+    def background_running(self) -> bool:
+        """Whether a background generation is on the model now (the next
+        interactive one stops it)."""
+        return self._order.background_running
+
     async def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]:
         """Tokens as llama.cpp produces them, then the stop reason and usage
         (input: the rendered prompt's tokens; output: the reply's tokens).
-        A conversation longer than ``n_ctx`` raises :class:`ProviderRejected`."""
+        A conversation longer than ``n_ctx`` raises :class:`ProviderRejected`;
+        a background one stopped for an interactive one raises
+        :class:`ProviderPreempted` (see the module's "Order")."""
         llm = await self._model()
         async for event in self._generate(llm, self._messages(request), request):
             yield event
@@ -271,6 +292,7 @@ class LocalProvider:
                 try:
                     for chunk in chunks:
                         if stop.is_set():
+                            send("stopped", None)
                             return
                         choice = chunk["choices"][0]
                         content = choice["delta"].get("content")
@@ -291,13 +313,20 @@ class LocalProvider:
                 send("error", exc)
 
         def guarded() -> None:
-            # A reply cancelled while waiting for the worker costs nothing.
-            if not stop.is_set():
+            # Stopped while waiting for the worker: a reply cancelled meanwhile
+            # costs nothing; a background generation preempted ends here.
+            if stop.is_set():
+                send("stopped", None)
+            else:
                 work()
 
+        # Not an `async with`: a context manager's generator inside this one
+        # could be finalised first when a consumer drops the stream unclosed.
+        await self._order.begin(stop, background=request.background)
         try:
             job = self._worker.submit(guarded)
         except RuntimeError:  # the executor is shut down
+            self._order.end(background=request.background)
             raise ProviderRejected("the local model provider is closed") from None
         try:
             while True:
@@ -307,6 +336,9 @@ class LocalProvider:
                 elif kind == "error":
                     error = _provider_error(value)
                     raise error from (None if error is value else value)
+                elif kind == "stopped":
+                    # Only a preemption stops the worker while this still listens.
+                    raise ProviderPreempted("local model: stopped for a user's reply")
                 else:
                     finish, prompt_tokens, output_tokens = value
                     await asyncio.wrap_future(job)
@@ -317,10 +349,13 @@ class LocalProvider:
                     return
         finally:
             stop.set()
-            if not job.cancel():
-                # Running (or done): it stops before its next token; wait so that
-                # "closed" means "no longer generating".
-                await asyncio.shield(asyncio.wrap_future(job))
+            try:
+                if not job.cancel():
+                    # Running (or done): it stops before its next token; wait so that
+                    # "closed" means "no longer generating".
+                    await asyncio.shield(asyncio.wrap_future(job))
+            finally:
+                self._order.end(background=request.background)
 
     # -- lifecycle -------------------------------------------------------------
 

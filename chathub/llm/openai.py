@@ -35,15 +35,23 @@ SDK errors are mapped at this boundary (:func:`provider_error`):
       ... but code insufficient_quota (no credit)   -> ProviderRejected
     InternalServerError (5xx), 409                  -> ProviderOverloaded
     APITimeoutError, 408                            -> ProviderTimeout
-    APIConnectionError, a stream cut short          -> ProviderConnection
+    APIConnectionError, a stream cut short, a
+      chunk that is not JSON (a garbled stream)     -> ProviderConnection
     other 4xx                                       -> ProviderRejected
     an ``{"error": ...}`` object mid-stream         -> by its type/code: rate
       limit -> ProviderRateLimited, invalid_request_error -> ProviderRejected,
       anything else -> ProviderOverloaded
+
+An HTTP error keeps what its headers say about trying again
+(:func:`~chathub.llm.base.with_retry_advice`: ``retry-after-ms``,
+``retry-after``, ``x-should-retry``). A stream that fails after a usage
+chunk (servers that send usage with every chunk) keeps its counts
+(:attr:`~chathub.llm.base.ProviderError.input_tokens`, ``output_tokens``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any, Literal, cast
@@ -76,6 +84,7 @@ from chathub.llm.base import (
     estimate_request_tokens,
     estimate_tokens,
     parse_json_object,
+    with_retry_advice,
 )
 from chathub.llm.factory import url_flag, url_float, url_model, url_params
 
@@ -91,6 +100,9 @@ FINISH_REASONS: dict[str, StopReason] = {
 """OpenAI's finish reasons in ours; an unknown one counts as ``end_turn``."""
 
 _PARAMS = {"base_url", "include_usage", "max_tokens_field", "timeout"}
+_FAILURES = (openai.OpenAIError, httpx2.HTTPError, json.JSONDecodeError)
+"""What a call through the SDK can raise for a fault of the server or the way
+to it (a chunk the SDK cannot decode is a ``JSONDecodeError``)."""
 
 
 class OpenAIProvider:
@@ -156,9 +168,11 @@ class OpenAIProvider:
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]:
         """Content deltas of the first choice as they arrive, then the stop
-        reason and usage (from the final usage chunk, whose ``choices`` is
-        ``[]`` or ``null``; estimated when the server sends none). A stream
-        that ends without a finish reason raises :class:`ProviderConnection`."""
+        reason and usage (from the last usage chunk: the final one, whose
+        ``choices`` is ``[]`` or ``null``; estimated when the server sends
+        none). A stream that ends without a finish reason raises
+        :class:`ProviderConnection`; an error carries the counts of the
+        last usage chunk, if one came."""
         usage: Usage | None = None
         stop_reason: StopReason | None = None
         streamed: list[str] = []
@@ -198,10 +212,12 @@ class OpenAIProvider:
                             yield TextDelta(content)
                         if (reason := choice.get("finish_reason")) is not None:
                             stop_reason = FINISH_REASONS.get(reason, "end_turn")
-        except (openai.OpenAIError, httpx2.HTTPError) as exc:
-            raise provider_error(exc) from exc
+        except _FAILURES as exc:
+            raise _with_usage(provider_error(exc), usage) from exc
         if stop_reason is None:
-            raise ProviderConnection("openai: the stream ended without a finish_reason")
+            raise _with_usage(
+                ProviderConnection("openai: the stream ended without a finish_reason"), usage
+            )
         if usage is None:
             usage = Usage(estimate_request_tokens(request), estimate_tokens("".join(streamed)))
         yield StreamEnd(stop_reason, usage)
@@ -230,7 +246,7 @@ class OpenAIProvider:
                 max_tokens=self._limit(request, "max_tokens"),
                 max_completion_tokens=self._limit(request, "max_completion_tokens"),
             )
-        except (openai.OpenAIError, httpx2.HTTPError) as exc:
+        except _FAILURES as exc:
             raise provider_error(exc) from exc
         if not completion.choices:
             raise ProviderRejected(f"openai: no choices in the {name!r} reply")
@@ -248,7 +264,7 @@ class OpenAIProvider:
         spent); False on any error."""
         try:
             await self._client.models.list(timeout=5.0)
-        except (openai.OpenAIError, httpx2.HTTPError):
+        except _FAILURES:
             return False
         return True
 
@@ -264,19 +280,12 @@ def provider_error(exc: BaseException) -> ProviderError:
         return ProviderTimeout(f"openai: {exc}")
     if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
         return ProviderConnection(f"openai: {exc}")
+    if isinstance(exc, json.JSONDecodeError):
+        # Bytes that are not what the server sends: a stream garbled or cut
+        # on the way (a proxy, say). The request was fine; sending it again is.
+        return ProviderConnection(f"openai: the response is not valid JSON ({exc})")
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        message = f"openai {status} {exc.code or exc.type or 'error'}: {exc.message}"
-        if status == 429:
-            # No credit left is a 429 too, but waiting will not fix it.
-            if exc.code == "insufficient_quota":
-                return ProviderRejected(message)
-            return ProviderRateLimited(message)
-        if status == 408:
-            return ProviderTimeout(message)
-        if status >= 500 or status == 409:
-            return ProviderOverloaded(message)
-        return ProviderRejected(message)
+        return with_retry_advice(_status_error(exc), exc.response.headers)
     if isinstance(exc, openai.APIError) and not isinstance(exc, openai.APIResponseValidationError):
         # An `{"error": ...}` object in the middle of a 200 stream.
         kind = f"{exc.type or ''} {exc.code or ''}".strip()
@@ -289,6 +298,29 @@ def provider_error(exc: BaseException) -> ProviderError:
             return ProviderTimeout(message)
         return ProviderOverloaded(message)
     return ProviderRejected(f"openai: {exc}")
+
+
+def _status_error(exc: openai.APIStatusError) -> ProviderError:
+    status = exc.status_code
+    message = f"openai {status} {exc.code or exc.type or 'error'}: {exc.message}"
+    if status == 429:
+        # No credit left is a 429 too, but waiting will not fix it.
+        if exc.code == "insufficient_quota":
+            return ProviderRejected(message)
+        return ProviderRateLimited(message)
+    if status == 408:
+        return ProviderTimeout(message)
+    if status >= 500 or status == 409:
+        return ProviderOverloaded(message)
+    return ProviderRejected(message)
+
+
+def _with_usage(error: ProviderError, usage: Usage | None) -> ProviderError:
+    """``error`` carrying the server's counts, when a usage chunk came."""
+    if usage is not None:
+        error.input_tokens = usage.input_tokens
+        error.output_tokens = usage.output_tokens
+    return error
 
 
 def _refused(exc: BaseException) -> bool:

@@ -5,7 +5,15 @@ raised *before the first* :class:`TextDelta` costs the user nothing but a delay,
 so the request is sent again after an exponential backoff with jitter. Once text
 has streamed, a retry would repeat or contradict what the user already saw: the
 error propagates and the caller ends the reply as failed, keeping the partial
-text. Non-retryable errors (:class:`ProviderRejected`) propagate at once.
+text. Non-retryable errors (:class:`ProviderRejected`, and any error the
+provider marked ``x-should-retry: false``) propagate at once.
+
+When the provider says how long to wait (``Retry-After``, ``retry-after-ms``:
+:attr:`ProviderError.retry_after`), the next attempt waits at least that long,
+up to :data:`MAX_RETRY_AFTER`. A provider that asks for longer fails the call
+at once with its own code (``rate_limited``, ``overloaded``): an earlier retry
+would be refused again, and a user watching a reply that has not started is
+better told than kept waiting.
 
 The SDK clients are built with ``max_retries=0`` so that this is the only retry
 layer and a mid-stream failure is never silently restarted. Every provider
@@ -37,6 +45,12 @@ PROVIDER_ERRORS = Counter(
     "chathub_provider_errors_total", "Provider errors by kind, retried ones too", ["code"]
 )
 
+MAX_RETRY_AFTER = 10.0
+"""The longest wait a provider's ``Retry-After`` is honoured for, in seconds:
+a little above the backoff's own ceiling (8 s), and short enough that a
+reply waiting for its first token (twice at most) is not mistaken for a hung
+one; a longer wait is better shown to the user as ``rate_limited``."""
+
 Sleep = Callable[[float], Awaitable[None]]
 T = TypeVar("T")
 
@@ -63,6 +77,7 @@ async def stream_with_retry(
     attempts: int = 3,
     base_delay: float = 0.5,
     max_delay: float = 8.0,
+    max_retry_after: float = MAX_RETRY_AFTER,
     sleep: Sleep = asyncio.sleep,
     rng: random.Random | None = None,
 ) -> AsyncIterator[StreamEvent]:
@@ -70,9 +85,10 @@ async def stream_with_retry(
 
     Guarantees: the events are those of exactly one attempt (a failed attempt
     yielded no :class:`TextDelta`); a retryable error before the first delta is
-    retried after :func:`backoff_delay`, unless attempts are exhausted; any error
-    after the first delta, and any non-retryable error, propagates unchanged.
-    Closing this iterator closes the provider's stream. ``sleep`` and ``rng`` are
+    retried after :func:`retry_delay`, unless attempts are exhausted or the
+    provider asks to wait longer than ``max_retry_after``; any error after the
+    first delta, and any non-retryable error, propagates unchanged. Closing
+    this iterator closes the provider's stream. ``sleep`` and ``rng`` are
     injectable so tests need not wait.
     """
     if attempts < 1:
@@ -87,19 +103,21 @@ async def stream_with_retry(
                 yield event
             return
         except ProviderError as exc:
-            PROVIDER_ERRORS.labels(code=exc.code).inc()
-            if started or not exc.retryable or attempt == attempts - 1:
+            if started:
+                PROVIDER_ERRORS.labels(code=exc.code).inc()
                 raise
-            delay = backoff_delay(attempt, base_delay=base_delay, max_delay=max_delay, rng=rng)
-            log.warning(
-                "%s stream failed before its first token (%s: %s); retry %d/%d in %.2fs",
-                provider.name,
-                exc.code,
-                exc.message,
-                attempt + 1,
-                attempts - 1,
-                delay,
+            delay = _after_failure(
+                exc,
+                attempt,
+                f"{provider.name} stream (before its first token)",
+                attempts=attempts,
+                base_delay=base_delay,
+                max_delay=max_delay,
+                max_retry_after=max_retry_after,
+                rng=rng,
             )
+            if delay is None:
+                raise
         finally:
             await _aclose(events)
         await sleep(delay)
@@ -111,6 +129,7 @@ async def call_with_retry(
     attempts: int = 3,
     base_delay: float = 0.5,
     max_delay: float = 8.0,
+    max_retry_after: float = MAX_RETRY_AFTER,
     sleep: Sleep = asyncio.sleep,
     rng: random.Random | None = None,
 ) -> T:
@@ -123,20 +142,89 @@ async def call_with_retry(
         try:
             return await call()
         except ProviderError as exc:
-            PROVIDER_ERRORS.labels(code=exc.code).inc()
-            if not exc.retryable or attempt == attempts - 1:
-                raise
-            delay = backoff_delay(attempt, base_delay=base_delay, max_delay=max_delay, rng=rng)
-            log.warning(
-                "provider call failed (%s: %s); retry %d/%d in %.2fs",
-                exc.code,
-                exc.message,
-                attempt + 1,
-                attempts - 1,
-                delay,
+            delay = _after_failure(
+                exc,
+                attempt,
+                "provider call",
+                attempts=attempts,
+                base_delay=base_delay,
+                max_delay=max_delay,
+                max_retry_after=max_retry_after,
+                rng=rng,
             )
+            if delay is None:
+                raise
         await sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def retry_delay(
+    error: ProviderError,
+    attempt: int,
+    *,
+    attempts: int,
+    base_delay: float,
+    max_delay: float,
+    max_retry_after: float = MAX_RETRY_AFTER,
+    rng: random.Random | None = None,
+) -> float | None:
+    """Seconds to wait before sending again after attempt number ``attempt``
+    (from 0) failed with ``error``, or None when the call fails now: the error
+    is not retryable, it was the last of ``attempts``, or the provider asks to
+    wait longer than ``max_retry_after``. The wait is :func:`backoff_delay`, or
+    the provider's ``retry_after`` where that is longer."""
+    if not error.retryable or attempt >= attempts - 1:
+        return None
+    delay = backoff_delay(attempt, base_delay=base_delay, max_delay=max_delay, rng=rng)
+    if error.retry_after is None:
+        return delay
+    if error.retry_after > max_retry_after:
+        return None
+    return max(delay, error.retry_after)
+
+
+def _after_failure(
+    error: ProviderError,
+    attempt: int,
+    what: str,
+    *,
+    attempts: int,
+    base_delay: float,
+    max_delay: float,
+    max_retry_after: float,
+    rng: random.Random | None,
+) -> float | None:
+    """:func:`retry_delay`, with ``error`` counted and the decision logged."""
+    PROVIDER_ERRORS.labels(code=error.code).inc()
+    delay = retry_delay(
+        error,
+        attempt,
+        attempts=attempts,
+        base_delay=base_delay,
+        max_delay=max_delay,
+        max_retry_after=max_retry_after,
+        rng=rng,
+    )
+    if delay is not None:
+        log.warning(
+            "%s failed (%s: %s); retry %d/%d in %.2fs",
+            what,
+            error.code,
+            error.message,
+            attempt + 1,
+            attempts - 1,
+            delay,
+        )
+    elif error.retryable and error.retry_after is not None and attempt < attempts - 1:
+        log.warning(
+            "%s failed (%s: %s); the provider asks to wait %.1fs, over %.1fs: not retrying",
+            what,
+            error.code,
+            error.message,
+            error.retry_after,
+            max_retry_after,
+        )
+    return delay
 
 
 async def _aclose(events: AsyncIterator[StreamEvent]) -> None:

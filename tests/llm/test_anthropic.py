@@ -6,8 +6,10 @@ import asyncio
 import json
 import socket
 import time
+from dataclasses import replace
 
 import pytest
+from prometheus_client import REGISTRY
 
 from chathub.llm.anthropic import AnthropicProvider
 from chathub.llm.base import (
@@ -25,7 +27,7 @@ from chathub.llm.base import (
     Usage,
 )
 from chathub.llm.factory import create_provider
-from chathub.llm.retry import stream_with_retry
+from chathub.llm.retry import MAX_RETRY_AFTER, stream_with_retry
 from tests.fakewire import RecordedRequest
 from tests.fakewire.anthropic_server import AnthropicWire, ErrorReply, TextReply, ToolUseReply
 
@@ -51,6 +53,21 @@ def api_key_of(received: RecordedRequest) -> str | None:
     # Older SDKs send `x-api-key`; 2.x sends the key as a bearer token.
     bearer = received.headers.get("authorization", "").removeprefix("Bearer ")
     return received.headers.get("x-api-key") or bearer or None
+
+
+def provider_errors(code: str) -> float:
+    """``chathub_provider_errors_total`` for ``code`` so far."""
+    return REGISTRY.get_sample_value("chathub_provider_errors_total", {"code": code}) or 0.0
+
+
+class Sleeps:
+    """Records the delays :func:`stream_with_retry` would wait, instead of waiting."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
 
 
 def closed_port() -> int:
@@ -135,6 +152,141 @@ async def test_other_blocks_and_unknown_events_are_not_text(
         TextDelta("."),
         StreamEnd("end_turn", Usage(input_tokens=11, output_tokens=2)),
     ]
+
+
+async def test_an_empty_reply_counts_zero_output_tokens(
+    anthropic_wire: AnthropicWire, anthropic_provider: AnthropicProvider
+) -> None:
+    """The final ``message_delta`` says 0: that is the count, not a missing
+    one to fill in from ``message_start`` (which says 1)."""
+    anthropic_wire.enqueue(TextReply([], input_tokens=11, output_tokens=0))
+    events = await collect(anthropic_provider, ask())
+    assert events == [StreamEnd("end_turn", Usage(input_tokens=11, output_tokens=0))]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        TextReply(["Par", "tial"], error="overloaded_error", input_tokens=30),
+        TextReply(["Half"], truncate=True, input_tokens=30),
+    ],
+    ids=["error-event", "cut-short"],
+)
+async def test_a_failure_after_message_start_keeps_its_input_tokens(
+    anthropic_wire: AnthropicWire, anthropic_provider: AnthropicProvider, reply: TextReply
+) -> None:
+    """``message_start`` carried the API's input count (cache reads
+    included): a reply failing later reports it, not an estimate. Its output
+    count never came (the final one is in ``message_delta``)."""
+    anthropic_wire.enqueue(replace(reply, cache_read_input_tokens=1000))
+    with pytest.raises(ProviderError) as raised:
+        await collect(anthropic_provider, ask())
+    assert raised.value.input_tokens == 1030
+    assert raised.value.output_tokens is None
+
+
+async def test_an_error_before_the_stream_has_no_counts(
+    anthropic_wire: AnthropicWire, anthropic_provider: AnthropicProvider
+) -> None:
+    anthropic_wire.enqueue(ErrorReply(529))
+    with pytest.raises(ProviderOverloaded) as raised:
+        await collect(anthropic_provider, ask())
+    assert (raised.value.input_tokens, raised.value.output_tokens) == (None, None)
+
+
+async def test_a_garbled_event_is_a_connection_error(
+    anthropic_wire: AnthropicWire, anthropic_provider: AnthropicProvider
+) -> None:
+    """An event whose data is not JSON (a stream garbled on the way) is our
+    retryable ``connection`` error, not a bare ``JSONDecodeError``."""
+    anthropic_wire.enqueue(
+        TextReply(["never"], extra_events=[("content_block_delta", "{not json")])
+    )
+    with pytest.raises(ProviderConnection, match="not valid JSON") as raised:
+        await collect(anthropic_provider, ask())
+    assert raised.value.retryable
+    assert raised.value.input_tokens == 11  # message_start came before it
+
+
+async def test_a_garbled_event_before_the_first_token_is_retried_and_counted(
+    anthropic_wire: AnthropicWire, anthropic_provider: AnthropicProvider
+) -> None:
+    anthropic_wire.enqueue(
+        TextReply(["never"], extra_events=[("content_block_delta", "{not json")]),
+        TextReply(["second", " time"]),
+    )
+    counted = provider_errors("connection")
+    sleeps = Sleeps()
+    events = [e async for e in stream_with_retry(anthropic_provider, ask(), sleep=sleeps)]
+    assert text_of(events) == "second time"
+    assert len(anthropic_wire.message_requests) == 2
+    assert len(sleeps.delays) == 1
+    assert provider_errors("connection") == counted + 1
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "wait"),
+    [
+        (429, {"retry-after": "4"}, 4.0),
+        (529, {"retry-after": "3"}, 3.0),
+        (429, {"retry-after-ms": "2500", "retry-after": "3"}, 2.5),
+    ],
+)
+async def test_retry_after_is_waited_before_the_next_attempt(
+    anthropic_wire: AnthropicWire,
+    anthropic_provider: AnthropicProvider,
+    status: int,
+    headers: dict[str, str],
+    wait: float,
+) -> None:
+    anthropic_wire.enqueue(ErrorReply(status, headers=headers), TextReply(["ok"]))
+    sleeps = Sleeps()
+    events = [e async for e in stream_with_retry(anthropic_provider, ask(), sleep=sleeps)]
+    assert text_of(events) == "ok"
+    # At least what the API asked (more only where the backoff says more).
+    assert len(sleeps.delays) == 1
+    assert wait <= sleeps.delays[0] <= max(wait, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("status", "error"), [(429, ProviderRateLimited), (529, ProviderOverloaded)]
+)
+async def test_a_retry_after_beyond_the_cap_fails_at_once(
+    anthropic_wire: AnthropicWire,
+    anthropic_provider: AnthropicProvider,
+    status: int,
+    error: type[ProviderError],
+) -> None:
+    """Asked to wait 20 s, more than a reply should wait for its first token:
+    no retry (it would come too early and be refused again), the provider's
+    own code at once."""
+    assert MAX_RETRY_AFTER < 20
+    anthropic_wire.enqueue(
+        ErrorReply(status, headers={"retry-after": "20"}), TextReply(["too early"])
+    )
+    sleeps = Sleeps()
+    with pytest.raises(error) as raised:
+        async for _ in stream_with_retry(anthropic_provider, ask(), sleep=sleeps):
+            pass
+    assert raised.value.retry_after == 20.0
+    assert raised.value.retryable
+    assert sleeps.delays == []
+    assert len(anthropic_wire.message_requests) == 1
+
+
+async def test_x_should_retry_false_is_not_retried(
+    anthropic_wire: AnthropicWire, anthropic_provider: AnthropicProvider
+) -> None:
+    anthropic_wire.enqueue(
+        ErrorReply(529, headers={"x-should-retry": "false"}), TextReply(["not sent"])
+    )
+    sleeps = Sleeps()
+    with pytest.raises(ProviderOverloaded) as raised:
+        async for _ in stream_with_retry(anthropic_provider, ask(), sleep=sleeps):
+            pass
+    assert not raised.value.retryable
+    assert sleeps.delays == []
+    assert len(anthropic_wire.message_requests) == 1
 
 
 async def test_request_carries_model_system_limits_temperature_and_turns(

@@ -15,6 +15,7 @@ from chathub.config import ConfigError
 from chathub.llm.base import (
     ChatTurn,
     CompletionRequest,
+    ProviderPreempted,
     ProviderRejected,
     StreamEnd,
     StreamEvent,
@@ -22,11 +23,17 @@ from chathub.llm.base import (
 )
 from chathub.llm.factory import create_provider
 from chathub.llm.local import LocalProvider
+from tests.harness import eventually
 
 
-def ask(text: str, *, max_tokens: int = 16, temperature: float = 0.0) -> CompletionRequest:
+def ask(
+    text: str, *, max_tokens: int = 16, temperature: float = 0.0, background: bool = False
+) -> CompletionRequest:
     return CompletionRequest(
-        turns=[ChatTurn("user", text)], max_tokens=max_tokens, temperature=temperature
+        turns=[ChatTurn("user", text)],
+        max_tokens=max_tokens,
+        temperature=temperature,
+        background=background,
     )
 
 
@@ -124,6 +131,107 @@ async def test_concurrent_streams_are_serialised_and_both_complete(local: LocalP
     )
     assert isinstance(first[-1], StreamEnd)
     assert isinstance(second[-1], StreamEnd)
+
+
+async def follow(
+    name: str, stream: AsyncIterator[StreamEvent], log: list[str]
+) -> BaseException | None:
+    """Consume ``stream``, noting in ``log`` its first token and how it ended;
+    returns the error it raised, if any."""
+    first = True
+    try:
+        async for event in stream:
+            if isinstance(event, TextDelta) and first:
+                log.append(f"{name} first token")
+                first = False
+            elif isinstance(event, StreamEnd):
+                log.append(f"{name} ended")
+    except Exception as exc:
+        log.append(f"{name} failed")
+        return exc
+    return None
+
+
+@pytest.mark.local_model
+async def test_an_interactive_stream_stops_a_running_background_one(local: LocalProvider) -> None:
+    """The user's reply does not wait behind background work: the background
+    generation stops before its next token and fails with ProviderPreempted;
+    the reply then streams."""
+    log: list[str] = []
+    background = asyncio.create_task(
+        follow(
+            "background",
+            local.stream(ask("Count from one to one hundred.", max_tokens=400, background=True)),
+            log,
+        )
+    )
+    await eventually(lambda: "background first token" in log, timeout_s=30)
+    assert await follow("reply", local.stream(ask("Say yes.", max_tokens=4)), log) is None
+    error = await background
+    assert isinstance(error, ProviderPreempted)
+    assert not error.retryable
+    assert log == [
+        "background first token",
+        "background failed",
+        "reply first token",
+        "reply ended",
+    ]
+    assert not local.background_running
+
+
+@pytest.mark.local_model
+async def test_background_work_waits_for_interactive_work_queued_after_it(
+    local: LocalProvider,
+) -> None:
+    """A background generation asked for while a reply runs waits for every
+    reply queued meanwhile, even one asked for after it, then runs whole."""
+    log: list[str] = []
+    reply = asyncio.create_task(
+        follow("reply", local.stream(ask("Count from one to one hundred.", max_tokens=60)), log)
+    )
+    await eventually(lambda: "reply first token" in log, timeout_s=30)
+    background = asyncio.create_task(
+        follow("background", local.stream(ask("Say no.", max_tokens=4, background=True)), log)
+    )
+    await asyncio.sleep(0)  # the background one asks first
+    later = asyncio.create_task(
+        follow("later reply", local.stream(ask("Say yes.", max_tokens=4)), log)
+    )
+    assert await asyncio.gather(reply, later, background) == [None, None, None]
+    assert log == [
+        "reply first token",
+        "reply ended",
+        "later reply first token",
+        "later reply ended",
+        "background first token",
+        "background ended",
+    ]
+
+
+@pytest.mark.local_model
+async def test_a_stopped_extraction_raises_instead_of_using_the_markers(
+    local: LocalProvider,
+) -> None:
+    """Extraction is background work. Stopped for a reply, it is not the
+    model failing: no fallback to the markers (whose result would be stored
+    and the messages marked read), the error propagates."""
+    import datetime as dt
+
+    from chathub.llm.extraction import Source, extract
+
+    extraction = asyncio.create_task(
+        extract(
+            local,
+            [Source("m1", "user", "TODO: send the invoice to ACME by friday.")],
+            today=dt.date(2026, 11, 26),
+        )
+    )
+    await eventually(lambda: local.background_running or extraction.done(), timeout_s=30)
+    log: list[str] = []
+    assert await follow("reply", local.stream(ask("Say yes.", max_tokens=4)), log) is None
+    with pytest.raises(ProviderPreempted):
+        await extraction
+    assert log == ["reply first token", "reply ended"]
 
 
 @pytest.mark.local_model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+from prometheus_client import REGISTRY
 
 from chathub.config import ConfigError
 from chathub.llm.base import (
@@ -23,7 +24,7 @@ from chathub.llm.base import (
 )
 from chathub.llm.factory import create_provider
 from chathub.llm.openai import OpenAIProvider
-from chathub.llm.retry import stream_with_retry
+from chathub.llm.retry import call_with_retry, stream_with_retry
 from tests.fakewire.openai_server import ChatReply, ErrorReply, OpenAIWire
 
 
@@ -38,6 +39,21 @@ async def collect(
     async for event in provider.stream(request):
         events.append(event)
     return events
+
+
+def provider_errors(code: str) -> float:
+    """``chathub_provider_errors_total`` for ``code`` so far."""
+    return REGISTRY.get_sample_value("chathub_provider_errors_total", {"code": code}) or 0.0
+
+
+class Sleeps:
+    """Records the delays a retry would wait, instead of waiting."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
 
 
 @pytest.mark.parametrize("usage_choices", ["empty", "null"])
@@ -191,6 +207,140 @@ async def test_http_errors_before_the_stream(
     assert seen == []
     assert raised.value.retryable is retryable
     assert len(openai_wire.requests) == 1  # the SDK's own retries are off
+
+
+async def test_a_garbled_chunk_is_a_connection_error(
+    openai_wire: OpenAIWire, openai_provider: OpenAIProvider
+) -> None:
+    """A ``data:`` line that is not JSON (a stream garbled on the way) is our
+    retryable ``connection`` error, not a bare ``JSONDecodeError``."""
+    openai_wire.enqueue(ChatReply(["never"], raw_data=["{not json"]))
+    with pytest.raises(ProviderConnection, match="not valid JSON") as raised:
+        await collect(openai_provider, ask())
+    assert raised.value.retryable
+
+
+async def test_a_garbled_chunk_before_the_first_token_is_retried_and_counted(
+    openai_wire: OpenAIWire, openai_provider: OpenAIProvider
+) -> None:
+    openai_wire.enqueue(ChatReply(["never"], raw_data=["{not json"]), ChatReply(["ok"]))
+    counted = provider_errors("connection")
+    sleeps = Sleeps()
+    events = [e async for e in stream_with_retry(openai_provider, ask(), sleep=sleeps)]
+    assert events[0] == TextDelta("ok")
+    assert len(openai_wire.requests) == 2
+    assert len(sleeps.delays) == 1
+    assert provider_errors("connection") == counted + 1
+
+
+async def test_a_failure_after_a_usage_chunk_keeps_its_counts(
+    openai_wire: OpenAIWire, openai_provider: OpenAIProvider
+) -> None:
+    """A server that sends usage with every chunk has counted the prompt
+    and the tokens so far: a failing reply reports those, not estimates."""
+    openai_wire.enqueue(
+        ChatReply(["Par", "tial"], prompt_tokens=40, error="server_error", usage_every_chunk=True)
+    )
+    with pytest.raises(ProviderOverloaded) as raised:
+        await collect(openai_provider, ask())
+    assert (raised.value.input_tokens, raised.value.output_tokens) == (40, 2)
+
+
+async def test_a_failure_before_any_usage_chunk_has_no_counts(
+    openai_wire: OpenAIWire, openai_provider: OpenAIProvider
+) -> None:
+    openai_wire.enqueue(ChatReply(["Par"], error="server_error"))
+    with pytest.raises(ProviderOverloaded) as raised:
+        await collect(openai_provider, ask())
+    assert (raised.value.input_tokens, raised.value.output_tokens) == (None, None)
+
+
+async def test_an_empty_reply_counts_zero_output_tokens(
+    openai_wire: OpenAIWire, openai_provider: OpenAIProvider
+) -> None:
+    openai_wire.enqueue(ChatReply([], prompt_tokens=7, completion_tokens=0))
+    events = await collect(openai_provider, ask())
+    assert events == [StreamEnd("end_turn", Usage(input_tokens=7, output_tokens=0))]
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "wait"),
+    [
+        (429, {"retry-after": "4"}, 4.0),
+        (503, {"retry-after": "3"}, 3.0),
+        (429, {"retry-after-ms": "2500", "retry-after": "3"}, 2.5),
+    ],
+)
+async def test_retry_after_is_waited_before_the_next_attempt(
+    openai_wire: OpenAIWire,
+    openai_provider: OpenAIProvider,
+    status: int,
+    headers: dict[str, str],
+    wait: float,
+) -> None:
+    openai_wire.enqueue(ErrorReply(status, headers=headers), ChatReply(["ok"]))
+    sleeps = Sleeps()
+    events = [e async for e in stream_with_retry(openai_provider, ask(), sleep=sleeps)]
+    assert events[0] == TextDelta("ok")
+    assert len(sleeps.delays) == 1
+    assert wait <= sleeps.delays[0] <= max(wait, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("status", "error"), [(429, ProviderRateLimited), (503, ProviderOverloaded)]
+)
+async def test_a_retry_after_beyond_the_cap_fails_at_once(
+    openai_wire: OpenAIWire,
+    openai_provider: OpenAIProvider,
+    status: int,
+    error: type[ProviderError],
+) -> None:
+    openai_wire.enqueue(ErrorReply(status, headers={"retry-after": "20"}), ChatReply(["early"]))
+    sleeps = Sleeps()
+    with pytest.raises(error) as raised:
+        async for _ in stream_with_retry(openai_provider, ask(), sleep=sleeps):
+            pass
+    assert raised.value.retry_after == 20.0
+    assert sleeps.delays == []
+    assert len(openai_wire.requests) == 1
+
+
+async def test_x_should_retry_false_is_not_retried(
+    openai_wire: OpenAIWire, openai_provider: OpenAIProvider
+) -> None:
+    openai_wire.enqueue(
+        ErrorReply(500, headers={"x-should-retry": "false"}), ChatReply(["not sent"])
+    )
+    sleeps = Sleeps()
+    with pytest.raises(ProviderOverloaded) as raised:
+        async for _ in stream_with_retry(openai_provider, ask(), sleep=sleeps):
+            pass
+    assert not raised.value.retryable
+    assert sleeps.delays == []
+    assert len(openai_wire.requests) == 1
+
+
+async def test_call_with_retry_honours_retry_after_too(
+    openai_wire: OpenAIWire, openai_provider: OpenAIProvider
+) -> None:
+    """One-shot calls (a reasoning step's ``structured``) wait the same way."""
+    openai_wire.enqueue(
+        ErrorReply(429, headers={"retry-after": "3"}),
+        ChatReply(['{"name": "Bob", "age": 3}']),
+        ErrorReply(429, headers={"retry-after": "60"}),
+        ChatReply(['{"name": "never", "age": 0}']),
+    )
+    sleeps = Sleeps()
+
+    async def person() -> dict[str, object]:
+        return await openai_provider.structured(ask(), name="person", schema=PERSON)
+
+    assert await call_with_retry(person, sleep=sleeps) == {"name": "Bob", "age": 3}
+    assert len(sleeps.delays) == 1 and 3.0 <= sleeps.delays[0] <= 3.5
+    with pytest.raises(ProviderRateLimited):
+        await call_with_retry(person, sleep=sleeps)
+    assert len(sleeps.delays) == 1
+    assert len(openai_wire.requests) == 3
 
 
 async def test_stream_with_retry_succeeds_after_one_429(

@@ -11,14 +11,23 @@ from chathub.llm.base import (
     ChatTurn,
     CompletionRequest,
     ProviderOverloaded,
+    ProviderPreempted,
     ProviderRateLimited,
     ProviderRejected,
     StreamEnd,
     StreamEvent,
     TextDelta,
+    retry_after_of,
+    with_retry_advice,
 )
 from chathub.llm.factory import create_provider
-from chathub.llm.retry import backoff_delay, call_with_retry, stream_with_retry
+from chathub.llm.retry import (
+    MAX_RETRY_AFTER,
+    backoff_delay,
+    call_with_retry,
+    retry_delay,
+    stream_with_retry,
+)
 from chathub.llm.scripted import ScriptedProvider
 
 REQUEST = CompletionRequest(turns=[ChatTurn("user", "hi")])
@@ -120,3 +129,57 @@ async def test_call_with_retry_retries_one_shot_calls() -> None:
     )
     assert result == {"a": 1}
     assert len(sleeps.delays) == 1
+
+
+def test_retry_after_of_reads_milliseconds_seconds_and_dates() -> None:
+    now = 1_445_412_470.0  # 2015-10-21 07:27:50 UTC
+    assert retry_after_of({"retry-after": "20"}) == 20.0
+    assert retry_after_of({"retry-after": "1.5"}) == 1.5
+    # The milliseconds are more precise: they win.
+    assert retry_after_of({"retry-after-ms": "250", "retry-after": "1"}) == 0.25
+    assert retry_after_of({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=now) == 10.0
+    assert retry_after_of({"retry-after": "Wed, 21 Oct 2015 07:27:00 GMT"}, now=now) == 0.0
+    assert retry_after_of({"retry-after": "-3"}) == 0.0
+    for unusable in ({}, {"retry-after": "soon"}, {"retry-after-ms": "nan"}):
+        assert retry_after_of(unusable) is None
+
+
+def test_x_should_retry_false_makes_any_error_final() -> None:
+    assert not with_retry_advice(ProviderOverloaded(), {"x-should-retry": "false"}).retryable
+    assert with_retry_advice(ProviderOverloaded(), {"x-should-retry": "true"}).retryable
+    assert not with_retry_advice(ProviderRejected("no"), {"x-should-retry": "true"}).retryable
+
+
+def test_retry_delay_waits_at_least_what_the_provider_asks_up_to_the_cap() -> None:
+    def delay(retry_after: float | None, attempt: int = 0) -> float | None:
+        error = ProviderRateLimited()
+        error.retry_after = retry_after
+        return retry_delay(error, attempt, attempts=3, base_delay=0.5, max_delay=8.0)
+
+    assert delay(3.0) == 3.0
+    assert delay(MAX_RETRY_AFTER) == MAX_RETRY_AFTER
+    assert delay(MAX_RETRY_AFTER + 0.1) is None  # fail now, with the provider's code
+    # Never sooner than the backoff: a "0" does not make clients retry in step.
+    waited = delay(0.0, attempt=1)
+    assert waited is not None and 0.5 <= waited <= 1.0
+    assert delay(3.0, attempt=2) is None  # the last attempt failed
+    assert retry_delay(ProviderPreempted(), 0, attempts=3, base_delay=0.5, max_delay=8.0) is None
+
+
+async def test_a_preempted_background_stream_is_not_retried() -> None:
+    """Its owner runs it again later: a retry now would only queue behind the
+    reply that stopped it."""
+
+    class Preempted(ScriptedProvider):
+        async def stream(self, request: CompletionRequest) -> AsyncIterator[StreamEvent]:
+            self.failures += 1
+            raise ProviderPreempted()
+            yield  # pragma: no cover - makes this an async generator
+
+    provider = Preempted()
+    sleeps = Sleeps()
+    with pytest.raises(ProviderPreempted):
+        async for _ in stream_with_retry(provider, REQUEST, sleep=sleeps):
+            pass
+    assert provider.failures == 1
+    assert sleeps.delays == []

@@ -158,6 +158,37 @@ async def test_a_failure_mid_stream_ends_the_reply_with_its_partial_text(
     assert len(posts) == 1
 
 
+async def test_a_failure_mid_stream_stores_the_counts_the_api_sent(
+    served: tuple[str, RunningServer, Any],
+) -> None:
+    """Counts the provider sent before failing are kept, the others are
+    estimated: Anthropic's ``message_start`` carries the input's (the output
+    is estimated); a server that puts usage in every chunk (vLLM) has sent
+    both."""
+    provider, server, wire = served
+    if provider == "anthropic":
+        wire.enqueue(
+            anthropic_server.TextReply(
+                ["Half ", "an ", "answer"], error="api_error", input_tokens=321
+            )
+        )
+        expected = {"input_tokens": 321, "output_tokens": 4, "estimated": True}
+    else:
+        wire.enqueue(
+            openai_server.ChatReply(
+                ["Half ", "an ", "answer"],
+                prompt_tokens=321,
+                error="server_error",
+                usage_every_chunk=True,
+            )
+        )
+        expected = {"input_tokens": 321, "output_tokens": 3}
+    _, frames = await turn(server, "Tell me everything.")
+    end = frames[-1]
+    assert end["type"] == "reply.failed", end
+    assert end["partial"]["usage"] == expected
+
+
 async def test_a_cancelled_stream_keeps_its_text_and_the_next_turn_streams(
     served: tuple[str, RunningServer, Any],
 ) -> None:
