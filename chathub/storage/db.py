@@ -72,17 +72,30 @@ def rowcount(result: Any) -> int:
     return result.rowcount
 
 
+_FILE_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+"""OS errors about a file, not a connection: faults, never "unreachable"."""
+
+
 def backend_unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` says a backing service could not be reached, or
     dropped the connection mid-statement (a restart, a failover, the
     network), rather than refusing what was asked of it: the request may
     succeed once it is back (503 ``unavailable``, or a retry).
 
-    PostgreSQL: a refused connect is a plain ``OSError``; a connection
+    PostgreSQL: a refused connect is an ``OSError`` (not one about a
+    file, such as a blob that is missing); a connection
     closed under a statement, a ``DBAPIError`` that invalidated it; a
     server shutting down or starting, SQLSTATE class 08 or 57P. Redis: any
     ``RedisError`` that reaches this far."""
-    if isinstance(exc, OSError | PoolTimeout | RedisError):
+    if isinstance(exc, OSError) and not isinstance(exc, _FILE_ERRORS):
+        return True
+    if isinstance(exc, PoolTimeout | RedisError):
         return True
     if isinstance(exc, DBAPIError):
         if exc.connection_invalidated:
