@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -53,6 +52,7 @@ from chathub.config import ConfigError
 from chathub.server import metrics
 from chathub.server.redis_bus import RedisSubscription, ping, redis_client, retry_once
 from chathub.server.session_log import Event, Listener, LogUnavailable, StaleReply, reply_fence
+from chathub.storage.db import while_unreachable
 
 log = logging.getLogger("chathub.log")
 
@@ -232,28 +232,28 @@ class RedisSessionLog:
         sending may still have appended (or append once Redis wakes from a
         stall): every try after the first says so, and the script returns
         the seq of the first one that went through, found by its token."""
-        deadline = time.monotonic() + self.append_patience_s
-        delay = 0.0  # a pooled connection Redis closed: a fresh one at once
-        again = False
-        while True:
-            try:
-                return int(await self._append(keys=keys, args=[*args, int(again), fence, reply_id]))
-            except ResponseError as exc:
-                if str(exc).startswith("STALE"):
-                    raise StaleReply(
-                        f"reply {reply_id} no longer holds session {session_id}"
-                    ) from exc
-                raise
-            except (RedisError, OSError) as exc:
-                if time.monotonic() + delay > deadline:
-                    metrics.LOG_APPENDS_FAILED.inc()
-                    raise LogUnavailable(f"the session log could not take {type}: {exc}") from exc
-                if again:
-                    log.warning("append of %s to %s still failing (%r)", type, session_id, exc)
-                metrics.LOG_APPEND_RETRIES.inc()
-                await asyncio.sleep(delay)
-                delay = min(2.0, max(0.05, delay * 2))
-                again = True
+
+        def retrying(exc: BaseException) -> None:
+            metrics.LOG_APPEND_RETRIES.inc()
+            log.warning("append of %s to %s failed (%r); trying again", type, session_id, exc)
+
+        try:
+            return int(
+                await while_unreachable(
+                    lambda again: self._append(
+                        keys=keys, args=[*args, int(again), fence, reply_id]
+                    ),
+                    for_s=self.append_patience_s,
+                    on_retry=retrying,
+                )
+            )
+        except ResponseError as exc:
+            if str(exc).startswith("STALE"):
+                raise StaleReply(f"reply {reply_id} no longer holds session {session_id}") from exc
+            raise
+        except (RedisError, OSError) as exc:
+            metrics.LOG_APPENDS_FAILED.inc()
+            raise LogUnavailable(f"the session log could not take {type}: {exc}") from exc
 
     async def read_after(self, session_id: str, after_seq: int) -> list[Event] | None:
         after_seq = max(0, after_seq)

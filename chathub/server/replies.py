@@ -70,7 +70,7 @@ from chathub.server.reply_stream import DeltaWriter
 from chathub.server.session_log import LogUnavailable, SessionLog, StaleReply
 from chathub.server.summarizer import HISTORY_LIMIT, SessionSummarizer
 from chathub.storage.blobs import BlobStore
-from chathub.storage.db import backend_unreachable, transaction
+from chathub.storage.db import backend_unreachable, transaction, while_unreachable
 from chathub.storage.models import File as FileRow
 from chathub.storage.repositories import files as files_repo
 from chathub.storage.repositories import modes as modes_repo
@@ -796,39 +796,34 @@ class Replies:
         elsewhere. While the database is unreachable (a restart, a
         failover), try again for up to :data:`ENDING_PATIENCE_S`: a reply
         whose ending is not stored never ends for its clients."""
-        deadline = time.monotonic() + ENDING_PATIENCE_S
-        delay = 0.1
-        tried = False
-        while True:
-            try:
-                async with transaction(self.sessionmaker) as db:
-                    finished = await repo.finish_reply_message(
-                        db,
-                        message_id=run.reply_id,
-                        content=text,
-                        status=status,
-                        stop_reason=stop_reason,
-                        usage=usage,
-                        trace={"steps": run.trace} if run.trace else None,
+
+        async def store(again: bool) -> dict[str, Any] | None:
+            async with transaction(self.sessionmaker) as db:
+                finished = await repo.finish_reply_message(
+                    db,
+                    message_id=run.reply_id,
+                    content=text,
+                    status=status,
+                    stop_reason=stop_reason,
+                    usage=usage,
+                    trace={"steps": run.trace} if run.trace else None,
+                )
+                view = message_view(finished) if finished is not None else None
+                if view is None and again:
+                    # An earlier try may have committed before its
+                    # connection dropped: then that ending is ours.
+                    ours = await repo.finished_as(
+                        db, message_id=run.reply_id, content=text, stop_reason=stop_reason
                     )
-                    view = message_view(finished) if finished is not None else None
-                    if view is None and tried:
-                        # An earlier try may have committed before its
-                        # connection dropped: then that ending is ours.
-                        ours = await repo.finished_as(
-                            db, message_id=run.reply_id, content=text, stop_reason=stop_reason
-                        )
-                        view = message_view(ours) if ours is not None else None
-                    if view is not None:
-                        await repo.set_last_seq(db, session_id=run.session_id, seq=ending_seq)
-                return view
-            except Exception as exc:
-                if not backend_unreachable(exc) or time.monotonic() + delay > deadline:
-                    raise
-                log.warning("could not store the end of reply %s yet: %r", run.reply_id, exc)
-                tried = True
-                await asyncio.sleep(delay)
-                delay = min(2.0, delay * 2)
+                    view = message_view(ours) if ours is not None else None
+                if view is not None:
+                    await repo.set_last_seq(db, session_id=run.session_id, seq=ending_seq)
+            return view
+
+        def retrying(exc: BaseException) -> None:
+            log.warning("could not store the end of reply %s yet: %r", run.reply_id, exc)
+
+        return await while_unreachable(store, for_s=ENDING_PATIENCE_S, on_retry=retrying)
 
     async def _append(self, run: ReplyRun, type_: str, data: dict[str, Any]) -> None:
         event = await self.log.append(run.session_id, type_, data)

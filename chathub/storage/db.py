@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import CursorResult, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -103,3 +105,36 @@ def backend_unreachable(exc: BaseException) -> bool:
         sqlstate = getattr(exc.orig, "sqlstate", None)
         return isinstance(sqlstate, str) and sqlstate.startswith(("08", "57P"))
     return False
+
+
+T = TypeVar("T")
+
+
+async def while_unreachable(
+    call: Callable[[bool], Awaitable[T]],
+    *,
+    for_s: float,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
+    """``call(again)``, tried again while it fails because a backing service
+    is unreachable (:func:`backend_unreachable`; a Redis ``ResponseError`` is
+    an answer, not an outage) for up to ``for_s`` seconds: at once (a pooled
+    connection the service closed gets a fresh one), then backing off from
+    50 ms to 2 s. ``again`` is False on the first try only, so a call that
+    may have gone through before its connection dropped can look for
+    itself. The last error propagates; ``on_retry`` sees each one retried."""
+    deadline = time.monotonic() + for_s
+    delay = 0.0
+    again = False
+    while True:
+        try:
+            return await call(again)
+        except Exception as exc:
+            transient = backend_unreachable(exc) and not isinstance(exc, ResponseError)
+            if not transient or time.monotonic() + delay > deadline:
+                raise
+            if on_retry is not None:
+                on_retry(exc)
+            await asyncio.sleep(delay)
+            delay = min(2.0, max(0.05, delay * 2))
+            again = True
