@@ -744,17 +744,18 @@ class Replies:
                     },
                 )
             else:
-                event = await self.log.append(
-                    run.session_id,
-                    "reply.failed",
-                    {
-                        "reply_id": run.reply_id,
-                        "code": failure.code,
-                        "message": failure.message,
-                        "retryable": failure.retryable,
-                        "partial": view,
-                    },
-                )
+                ending: dict[str, Any] = {
+                    "reply_id": run.reply_id,
+                    "code": failure.code,
+                    "message": failure.message,
+                    "retryable": failure.retryable,
+                    "partial": view,
+                }
+                if failure.retryable and failure.retry_after is not None:
+                    # The provider said when to come back (Retry-After):
+                    # clients wait that long before sending again.
+                    ending["retry_after_s"] = round(failure.retry_after, 3)
+                event = await self.log.append(run.session_id, "reply.failed", ending)
             # A client that has seen the reply end may send the next message
             # at once: free the session before anything else is awaited.
             await self._release(run)

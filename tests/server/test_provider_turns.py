@@ -142,6 +142,35 @@ async def test_an_overloaded_api_is_retried_before_the_first_token(
     assert len(posts) == 2
 
 
+async def test_a_provider_asking_to_wait_long_fails_the_reply_with_its_wait(
+    served: tuple[str, RunningServer, Any],
+) -> None:
+    """A ``Retry-After`` beyond what the server waits itself fails the reply
+    at once, and the ending tells clients how long the provider asked for."""
+    provider, server, wire = served
+    for _ in range(2):  # once more, should a retry be (wrongly) made
+        if provider == "anthropic":
+            wire.enqueue(anthropic_server.ErrorReply(429, headers={"retry-after": "20"}))
+        else:
+            wire.enqueue(openai_server.ErrorReply(429, headers={"retry-after": "20"}))
+    _, frames = await turn(server, "Hello?")
+    end = frames[-1]
+    assert end["type"] == "reply.failed", end
+    assert end["code"] == "rate_limited" and end["retryable"] is True
+    assert end["retry_after_s"] == 20
+
+
+async def test_a_failure_without_a_wait_names_none(
+    served: tuple[str, RunningServer, Any],
+) -> None:
+    provider, server, wire = served
+    wire.enqueue(error_reply(provider, 400))
+    _, frames = await turn(server, "Hello?")
+    end = frames[-1]
+    assert end["type"] == "reply.failed", end
+    assert end["code"] == "provider_rejected" and "retry_after_s" not in end
+
+
 async def test_a_failure_mid_stream_ends_the_reply_with_its_partial_text(
     served: tuple[str, RunningServer, Any],
 ) -> None:
