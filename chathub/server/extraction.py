@@ -26,6 +26,12 @@ Background work
     is not written and its messages stay unread; the run stops there and is
     scheduled again, like a stopped summary.
 
+Guardrails
+    What the model extracts passes the output guardrail before it is
+    written, as a reply does: each item through the policy of the mode of
+    the message it comes from (redacted; an item the policy blocks is
+    dropped), the team's summary through the default policy.
+
 Sources
     Each item is linked to the message it comes from (see
     ``chathub.llm.extraction``): the deterministic extractor knows it; the
@@ -37,9 +43,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -55,6 +62,7 @@ from chathub.llm.base import (
     TextDelta,
 )
 from chathub.llm.extraction import (
+    Extraction,
     ExtractionResult,
     KnownTask,
     Source,
@@ -63,7 +71,10 @@ from chathub.llm.extraction import (
     new_insights,
     plan_task_changes,
 )
+from chathub.llm.guardrails import Policy, redact_all
+from chathub.llm.modes import Mode, mode_policy
 from chathub.llm.retry import stream_with_retry
+from chathub.server import metrics
 from chathub.server.dashboards import Dashboards
 from chathub.storage.db import transaction
 from chathub.storage.repositories import dashboard as board
@@ -111,23 +122,70 @@ class _Batch:
     """The messages to extract from: those of turns whose mode extracts."""
     until: str
     """The last message read, extracted or not."""
+    policies: Mapping[str, Policy] = dataclasses.field(default_factory=dict)
+    """Per source message, the guardrail policy of its mode, which what is
+    extracted from it passes."""
 
 
 async def _extracting_modes(
     db: AsyncSession, team_id: str, names: set[str | None]
-) -> set[str | None]:
+) -> dict[str | None, Mode | None]:
     """Of the modes ``names``, those with extraction on now. A mode no longer
     known counts as off: nothing says its messages may be extracted. A
-    message stored before modes were recorded (None) is extracted."""
-    on: set[str | None] = set()
+    message stored before modes were recorded (None) is extracted, under the
+    default guardrail policy."""
+    on: dict[str | None, Mode | None] = {}
     for name in names:
         if name is None:
-            on.add(None)
+            on[None] = None
             continue
         mode = await modes_repo.resolve_mode(db, team_id=team_id, name=name)
         if mode is not None and mode.extraction:
-            on.add(name)
+            on[name] = mode
     return on
+
+
+def _guarded_output(text: str, policy: Policy) -> str | None:
+    """Model output that the dashboard keeps passes the output guardrail as a
+    reply does: redacted, or None where the policy blocks it."""
+    filtered = redact_all(text, policy)
+    for action, rule in filtered.actions:
+        metrics.GUARDRAIL_ACTIONS.labels(action=action, rule=rule).inc()
+    return None if filtered.blocked else filtered.text
+
+
+def _screened(result: ExtractionResult, policies: Mapping[str, Policy]) -> ExtractionResult:
+    """``result`` with every text it would write through the guardrail policy
+    of the message it comes from: redacted, and an item the policy blocks
+    dropped. A state whose key would change is dropped too: a key is a name,
+    not text to redact."""
+    default = Policy.default()
+
+    def screen(text: str, message: int | None) -> str | None:
+        return _guarded_output(text, policies.get(result.source_of(message) or "", default))
+
+    found = result.extraction
+    tasks = []
+    for task in found.tasks:
+        title = screen(task.title, task.message)
+        owner = screen(task.owner, task.message) if task.owner is not None else None
+        if title is not None and (owner is not None or task.owner is None):
+            tasks.append(task.model_copy(update={"title": title, "owner": owner}))
+    insights = []
+    for insight in found.insights:
+        if (text := screen(insight.text, insight.message)) is not None:
+            insights.append(insight.model_copy(update={"text": text}))
+    states = []
+    for state in found.states:
+        if screen(state.key, state.message) != state.key:
+            continue
+        value: str | int | float | bool | None = state.value
+        if isinstance(state.value, str):
+            value = screen(state.value, state.message)
+        if value is not None:
+            states.append(state.model_copy(update={"value": value}))
+    extraction = Extraction(tasks=tasks, insights=insights, states=states)
+    return dataclasses.replace(result, extraction=extraction)
 
 
 _Out = TypeVar("_Out")
@@ -338,10 +396,13 @@ class Extractor:
             if not rows:
                 return None
             extracting = await _extracting_modes(db, team_id, {m.mode for m in rows})
-        sources = [
-            Source(m.id, m.role, m.content) for m in rows if m.content and m.mode in extracting
-        ]
-        return _Batch(after=after, sources=sources, until=rows[-1].id)
+        read = [m for m in rows if m.content and m.mode in extracting]
+        policies = {}
+        for m in read:
+            mode = extracting[m.mode]
+            policies[m.id] = Policy.default() if mode is None else mode_policy(mode)
+        sources = [Source(m.id, m.role, m.content) for m in read]
+        return _Batch(after=after, sources=sources, until=rows[-1].id, policies=policies)
 
     async def _extract(
         self, team_id: str, session_id: str, provider: LLMProvider, batch: _Batch
@@ -350,7 +411,8 @@ class Extractor:
         messages are read, in one transaction."""
         result = None
         if batch.sources:
-            result = await extract(provider, batch.sources, today=dt.date.today())
+            found = await extract(provider, batch.sources, today=dt.date.today())
+            result = _screened(found, batch.policies)
         try:
             async with transaction(self.sessionmaker) as db:
                 changed: dict[str, list[Any]] = {}
@@ -400,7 +462,9 @@ class Extractor:
             async for event in stream_with_retry(self.provider, request)
             if isinstance(event, TextDelta)
         ]
-        text = "".join(parts).strip()
+        # The team's dashboard is in no mode: its summary passes the default
+        # policy (the shipped modes').
+        text = _guarded_output("".join(parts).strip(), Policy.default())
         if not text:
             return
         async with transaction(self.sessionmaker) as db:

@@ -312,6 +312,80 @@ async def test_the_model_names_the_message_of_each_item(
     assert insight["source_message_id"] == first["message"]["id"]
 
 
+async def test_what_the_model_extracts_passes_the_output_guardrail(
+    server: RunningServer, team: TeamFixture, client: httpx.AsyncClient
+) -> None:
+    """The model's items are text shown to the whole team, as a reply is:
+    redacted by the policy of the mode of the message each comes from."""
+    answer = {
+        "tasks": [
+            {
+                "title": "Send ana@example.com the beta plan",
+                "owner": "ana@example.com",
+                "due": None,
+                "status": "open",
+            }
+        ],
+        "insights": [{"text": "Card 4111 1111 1111 1111 was charged twice", "kind": "risk"}],
+        "states": [
+            {"key": "support.phone", "value": "+44 20 7946 0958"},
+            {"key": "sk-live-4eC39HqLyjWDarjtT1zdp7dc", "value": "leaked"},
+        ],
+    }
+    sid = await new_session(client, team)
+    await say(client, team, sid, "Plan the beta")
+    async with instance(server, answering(answer)) as extractor:
+        await extractor.run(team.team_id, sid)
+    [task] = await listed(client, team, "tasks")
+    assert (task["title"], task["owner"]) == (
+        "Send [redacted:email] the beta plan",
+        "[redacted:email]",
+    )
+    [insight] = await listed(client, team, "insights")
+    assert insight["text"] == "Card [redacted:card] was charged twice"
+    # a key is a name: one that would be redacted is not written at all
+    [state] = await listed(client, team, "states")
+    assert (state["key"], state["value"]) == ("support.phone", "[redacted:phone]")
+
+
+async def test_extracted_items_follow_the_policy_of_their_messages_mode(
+    server: RunningServer, team: TeamFixture, client: httpx.AsyncClient
+) -> None:
+    """A mode that allows e-mail addresses keeps them in what is extracted
+    from its messages; one that blocks card numbers drops the item."""
+    h = team.owner.headers
+    mode = {
+        "name": "crm",
+        "system_prompt": "Help with customers.",
+        "guardrails": {"rules": {"email": "allow", "card": "block"}},
+    }
+    assert (await client.post("/modes", json=mode, headers=h)).status_code == 201
+    answer = {
+        "tasks": [{"title": "Call ana@example.com", "owner": None, "due": None, "status": "open"}],
+        "insights": [{"text": "Card 4111 1111 1111 1111 on file", "kind": "note"}],
+        "states": [],
+    }
+    sid = await new_session(client, team)
+    await say(client, team, sid, "Ana is a new customer", mode="crm")
+    async with instance(server, answering(answer)) as extractor:
+        await extractor.run(team.team_id, sid)
+    assert await titles(client, team) == [("Call ana@example.com", "open")]
+    assert await listed(client, team, "insights") == []
+
+
+async def test_the_team_summary_passes_the_default_policy(
+    server: RunningServer, team: TeamFixture, client: httpx.AsyncClient
+) -> None:
+    summary = "Ana (ana@example.com) ships the beta; call +44 20 7946 0958."
+    async with instance(server, "scripted://?text=" + quote(summary)) as extractor:
+        await extractor.refresh_summary(team.team_id)
+    r = await client.get("/dashboard", headers=team.owner.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["summary"]["text"] == (
+        "Ana ([redacted:email]) ships the beta; call [redacted:phone]."
+    )
+
+
 async def test_a_deleted_session_is_not_extracted(
     server: RunningServer, team: TeamFixture, client: httpx.AsyncClient
 ) -> None:
