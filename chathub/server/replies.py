@@ -58,7 +58,7 @@ from chathub.llm.context import (
     provider_counter,
     provider_window,
 )
-from chathub.llm.guardrails import check_input
+from chathub.llm.guardrails import check_input, detect
 from chathub.llm.modes import Mode, mode_policy
 from chathub.llm.retry import call_with_retry, stream_with_retry
 from chathub.server import metrics
@@ -427,14 +427,9 @@ class Replies:
                 continue
             head = await self.blobs.read_head(file.sha256, FILE_EXCERPT_CHARS * 4)
             text = _CONTROL.sub("", head.decode("utf-8", errors="ignore"))
-            # Checked past the cut, then cut: a secret across the cut is
-            # redacted whole, not sent as its first half.
-            checked = _checked_input(
-                text[: FILE_EXCERPT_CHARS + EXCERPT_GUARD_MARGIN],
-                mode,
-                f"the attached file {file.name!r}",
-            )
-            excerpts.append(FileExcerpt(file.name, checked[:FILE_EXCERPT_CHARS]))
+            excerpt = text[: _excerpt_cut(text, mode)]
+            checked = _checked_input(excerpt, mode, f"the attached file {file.name!r}")
+            excerpts.append(FileExcerpt(file.name, checked))
         return excerpts
 
     async def _check_rate(self, principal: Principal, *texts: str) -> Charge:
@@ -989,6 +984,21 @@ EXCERPT_GUARD_MARGIN = 256
 # C0 controls other than tab, newline and carriage return: nothing a text
 # excerpt should hand the model.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _excerpt_cut(text: str, mode: Mode) -> int:
+    """Where an excerpt of ``text`` ends: at :data:`FILE_EXCERPT_CHARS`, or
+    past a finding of the mode's guardrail that spans that cut (looking
+    :data:`EXCERPT_GUARD_MARGIN` characters past it), so that a secret is
+    redacted whole, never sent as a first half too short to be recognised."""
+    cut = FILE_EXCERPT_CHARS
+    if len(text) <= cut:
+        return len(text)
+    for finding in detect(text[: cut + EXCERPT_GUARD_MARGIN], mode_policy(mode).detectors):
+        start, end = finding.span
+        if start < cut < end:
+            cut = end
+    return cut
 
 
 def _checked_input(text: str, mode: Mode, what: str) -> str:

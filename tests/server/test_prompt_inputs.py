@@ -224,21 +224,16 @@ async def test_a_mode_may_name_one_of_the_operators_providers(tmp_path: Path) ->
         await server.stop()
 
 
-async def test_a_secret_across_the_excerpt_cut_is_redacted_whole(
-    wired: tuple[RunningServer, Any],
-) -> None:
-    """The excerpt is cut at 4,000 characters after the guardrail has read
-    past the cut: an address across it is not sent as its first half."""
+async def _excerpt_sent(wired: tuple[RunningServer, Any], data: bytes) -> str:
+    """The last user turn the model received for a message with a file
+    holding ``data`` attached."""
     server, wire = wired
     team = await make_team(server.state)
     h = team.owner.headers
     wire.default = TextReply(["Noted."])
-    filler = "notes " * 664  # 3,984 characters
     async with httpx.AsyncClient(base_url=server.url) as client:
         sid = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
-        file_id = await _attach(
-            client, h, "long.txt", (filler + "john.smith@example.com and more").encode()
-        )
+        file_id = await _attach(client, h, "long.txt", data)
         ws = await WsClient.connect(server.ws_url, team.owner.api_key)
         try:
             await ws.request({"type": "join", "session_id": sid})
@@ -257,6 +252,32 @@ async def test_a_secret_across_the_excerpt_cut_is_redacted_whole(
             await ws.close()
     body = [r.body for r in wire.requests if r.path.endswith("/v1/messages")][-1]
     content = body["messages"][-1]["content"]
-    last = content if isinstance(content, str) else "".join(b["text"] for b in content)
-    assert "long.txt" in last and "notes notes" in last
-    assert "john.smith" not in last and "john" not in last.split("notes")[-1]
+    last: str = content if isinstance(content, str) else "".join(b["text"] for b in content)
+    assert "long.txt" in last
+    return last
+
+
+async def test_a_secret_across_the_excerpt_cut_is_redacted_whole(
+    wired: tuple[RunningServer, Any],
+) -> None:
+    """The excerpt is cut at 4,000 characters, or past a finding across
+    the cut: an address across it is not sent as its first half."""
+    filler = "notes " * 664  # 3,984 characters
+    last = await _excerpt_sent(wired, (filler + "john.smith@example.com and more").encode())
+    assert "notes notes" in last and "notes [redacted:email]" in last
+    assert "john" not in last.split("notes")[-1]
+
+
+async def test_a_redaction_before_the_cut_pulls_no_text_from_past_it(
+    wired: tuple[RunningServer, Any],
+) -> None:
+    """A redaction shortens the text: the excerpt still ends where the file's
+    4,000th character is, so a secret further on is neither in it nor cut
+    into a prefix too short to be recognised."""
+    long_key = "sk-" + "aB3dE5fG7hJ9kL2mN4pQ6rS8tU0vW" * 20  # 603 characters
+    head = "key " + long_key + " "
+    filler = "x" * (4244 - len(head))
+    data = head + filler + "sk-QWERTYUIOPASDFGHJKLZXCV1234567890 and more"
+    last = await _excerpt_sent(wired, data.encode())
+    assert "key [redacted:api_key]" in last
+    assert "sk-" not in last and "QWERTY" not in last
