@@ -31,6 +31,13 @@ AppendNow = Callable[[str, str, dict[str, Any]], Event]
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _paragraph_after(text: str) -> str:
+    """What starts a new paragraph after ``text`` (nothing at the start)."""
+    if not text or text.endswith("\n\n"):
+        return ""
+    return "\n" if text.endswith("\n") else "\n\n"
+
+
 class DeltaWriter:
     def __init__(
         self,
@@ -200,8 +207,9 @@ class DeltaWriter:
             self._pending.extend(out.actions)
         if out.blocked and not self.blocked:
             self.blocked = True
-            self._buffer.append(self.policy.safe_message)
-            self._buffered += len(self.policy.safe_message)
+            notice = _paragraph_after(self._last_text()) + self.policy.safe_message
+            self._buffer.append(notice)
+            self._buffered += len(notice)
         return bool(
             self._pending
             or self.blocked
@@ -252,6 +260,17 @@ class DeltaWriter:
         )
         self.sent.append(text)
         self.last_seq = max(self.last_seq, event.seq)
+
+    def _last_text(self) -> str:
+        """The last piece of text written or waiting to be: what the safe
+        message follows."""
+        for piece in reversed(self._buffer):
+            if piece:
+                return piece
+        for piece in reversed(self.sent):
+            if piece:
+                return piece
+        return ""
 
     def _take_buffer(self) -> str:
         if self._flush_timer is not None:

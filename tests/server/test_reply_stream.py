@@ -122,7 +122,8 @@ async def test_a_blocked_phrase_ends_the_output(coalesce_s: float) -> None:
     await writer.finish()
     streamed = "".join(_deltas(events))
     assert writer.blocked
-    assert streamed == "You could Sorry."
+    # the safe message comes as a paragraph of its own
+    assert streamed == "You could \n\nSorry."
     assert [(e.type, e.data().get("action")) for e in events[-1:]] == [
         ("reply.guardrail", "blocked")
     ]
