@@ -13,6 +13,9 @@ Each :class:`Detector` knows, about its rule:
 - ``commit``: whether a match found at the end of the text is already
   certain, so that more text can only make it longer (e-mails, prefixed
   keys, private-key blocks): its replacement can then be sent early;
+- ``extend``: for such a certain match, whether it is still open once more
+  text arrives, from the new text and a bounded look-back only, so that a
+  long match costs the same per chunk as a short one;
 - ``evidence``: whether an unfinished candidate already shows the rule's
   tell-tale part (the ``@`` of an e-mail, a dozen card digits, a key
   prefix). Only such a candidate may be redacted early when the hold-back
@@ -89,6 +92,15 @@ Refiner = Callable[[str, int, int], bool]
 #: Whether a valid match at the open end of the text stays a valid match with
 #: the same start whatever follows (only its end may grow).
 Committer = Callable[[re.Match[str]], bool]
+#: For a certain match (see Committer) that was open over ``text[:k]``:
+#: ``extend(text, k, whole)`` is the end of the longest prefix of ``text``
+#: over which it is still open, or None when it is open over all of it.
+#: ``text`` holds the match from index 0 when ``whole``, else (at least) its
+#: last :data:`EXTEND_CONTEXT` characters before ``k``.
+Extender = Callable[[str, int, bool], "int | None"]
+#: The look-back an :data:`Extender` may rely on when it does not see the
+#: whole match.
+EXTEND_CONTEXT = 256
 
 
 def _whole(m: re.Match[str]) -> tuple[int, int] | None:
@@ -129,6 +141,8 @@ class Detector:
     evidence: re.Pattern[str] | None = None
     refine: Refiner | None = None
     commit: Committer | None = None
+    #: how a certain match stays open (only with ``commit``)
+    extend: Extender | None = None
     #: characters at which a match or tail may begin anywhere, not only at a word start
     leads: str = ""
     #: whether a match or tail may begin at a word start
@@ -141,6 +155,8 @@ class Detector:
         start = start_condition(self.word_start, self.leads, self.first)
         if self.tail.flags != self.pattern.flags:
             raise ValueError("pattern and tail must have the same flags")
+        if self.extend is not None and self.commit is None:
+            raise ValueError("extend is for committable detectors")
         object.__setattr__(self, "pattern", _starting(self.pattern, start))
         object.__setattr__(self, "tail", _starting(self.tail, start))
         object.__setattr__(self, "start", re.compile(start, self.tail.flags))
@@ -242,6 +258,18 @@ def _words(words: Iterable[Sequence[str]]) -> str:
     return emit(root) if root else "(?!)"
 
 
+def _grows(chars: str) -> Extender:
+    """The :data:`Extender` of a match that stays open exactly while the text
+    goes on with characters of the class ``[chars]``."""
+    stop = re.compile(f"[^{chars}]")
+
+    def extend(text: str, k: int, whole: bool) -> int | None:
+        m = stop.search(text, k)
+        return None if m is None else m.start()
+
+    return extend
+
+
 # -- the built-in detectors -------------------------------------------------------
 
 _EMAIL_LOCAL = r"[A-Za-z0-9._%+\-]"
@@ -269,6 +297,8 @@ EMAIL = Detector(
     _EMAIL_TAIL,
     evidence=re.compile(rf"{_EMAIL_LOCAL}{{1,64}}@[A-Za-z0-9\-]"),
     commit=lambda m: True,  # no right-hand look-ahead: more text only extends it
+    # past a match the tail reads domain characters only
+    extend=_grows(r"A-Za-z0-9.\-"),
     first=_EMAIL_LOCAL,
 )
 
@@ -293,13 +323,15 @@ PHONE = Detector(
     first=r"[+(0-9]",
 )
 
-_CARD_START = r"(?<![A-Za-z0-9_])(?<![0-9][ \-])"
+# digit groups: a space, a hyphen or a no-break space (U+00A0, or U+202F as in French)
+_CARD_SEP = r"[ \-\u00a0\u202f]"
+_CARD_START = r"(?<![A-Za-z0-9_])" + f"(?<![0-9]{_CARD_SEP})"
 CARD = Detector(
     "card",
-    re.compile(_CARD_START + r"[0-9](?:[ \-]?[0-9]){12,18}(?![A-Za-z0-9_])"),
-    re.compile(_CARD_START + r"[0-9](?:[ \-]?[0-9]){0,18}[ \-]?\Z"),
+    re.compile(_CARD_START + f"[0-9](?:{_CARD_SEP}?[0-9]){{12,18}}" + r"(?![A-Za-z0-9_])"),
+    re.compile(_CARD_START + f"[0-9](?:{_CARD_SEP}?[0-9]){{0,18}}{_CARD_SEP}?" + r"\Z"),
     validate=card_span,
-    evidence=re.compile(r"[0-9](?:[ \-]?[0-9]){11}"),
+    evidence=re.compile(f"[0-9](?:{_CARD_SEP}?[0-9]){{11}}"),
     first="[0-9]",
 )
 
@@ -318,39 +350,54 @@ IBAN = Detector(
 _TOKEN_START = r"(?<![A-Za-z0-9_\-])"
 
 
-def _prefixed_key(first: str, prefix_tail: str, pattern: str, evidence: str) -> Detector:
+def _prefixed_key(first: str, prefix_tail: str, pattern: str, evidence: str, body: str) -> Detector:
     """A key with a fixed prefix (beginning with ``first``) and an open-ended
-    body: once it matches, more body characters only make it longer, so it
-    can be committed early."""
+    body of the characters ``[body]``: once it matches, more body characters
+    only make it longer, so it can be committed early."""
     return Detector(
         "api_key",
         re.compile(_TOKEN_START + pattern),
         re.compile(_TOKEN_START + f"(?:{prefix_tail})" + r"\Z"),
         evidence=re.compile(evidence),
         commit=lambda m: True,
+        extend=_grows(body),
         first=re.escape(first),
     )
 
 
-_B64 = r"[A-Za-z0-9_\-]"
+_B64_CHARS = r"A-Za-z0-9_\-"
+_B64 = f"[{_B64_CHARS}]"
 CHATHUB_KEY = _prefixed_key(
     "c",
     _lit("chk_", r"[0-9a-f]{0,8}(?:_" + _B64 + "*)?"),
     r"chk_[0-9a-f]{8}_" + _B64 + "{20,}",
     r"chk_[0-9a-f]{4}",
+    _B64_CHARS,
 )
-SK_KEY = _prefixed_key("s", _lit("sk-", _B64 + "*"), r"sk-" + _B64 + "{20,}", r"sk-" + _B64 + "{8}")
+SK_KEY = _prefixed_key(
+    "s", _lit("sk-", _B64 + "*"), r"sk-" + _B64 + "{20,}", r"sk-" + _B64 + "{8}", _B64_CHARS
+)
+# two detectors, since their bodies differ (a "_" ends a ghp_ token)
 GITHUB_TOKEN = _prefixed_key(
     "g",
-    _lit("gh") + r"|gh[pousr](?:_[A-Za-z0-9]*)?|" + _lit("github_pat_", r"[A-Za-z0-9_]*"),
-    r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
-    r"(?:gh[pousr]_[A-Za-z0-9]{8}|github_pat_[A-Za-z0-9_]{4})",
+    _lit("gh") + r"|gh[pousr](?:_[A-Za-z0-9]*)?",
+    r"gh[pousr]_[A-Za-z0-9]{36,}",
+    r"gh[pousr]_[A-Za-z0-9]{8}",
+    "A-Za-z0-9",
+)
+GITHUB_PAT = _prefixed_key(
+    "g",
+    _lit("github_pat_", r"[A-Za-z0-9_]*"),
+    r"github_pat_[A-Za-z0-9_]{22,}",
+    r"github_pat_[A-Za-z0-9_]{4}",
+    "A-Za-z0-9_",
 )
 SLACK_TOKEN = _prefixed_key(
     "x",
     _lit("xox") + r"|xox[abposr](?:-[A-Za-z0-9\-]*)?",
     r"xox[abposr]-[A-Za-z0-9\-]{10,}",
     r"xox[abposr]-[A-Za-z0-9\-]{4}",
+    r"A-Za-z0-9\-",
 )
 AWS_KEY = Detector(
     "api_key",
@@ -378,7 +425,8 @@ _LABELS = sorted(
     key=lambda s: (-len(s), s),
 )
 _LABEL = _words([re.escape(ch) for ch in label] for label in _LABELS)
-_SECRET_CHARS = r"[A-Za-z0-9_\-./+=]"
+_SECRET_CLASS = r"A-Za-z0-9_\-./+="
+_SECRET_CHARS = f"[{_SECRET_CLASS}]"
 _ASSIGN = r"""["']?[ \t]{0,3}[:=][ \t]{0,3}["']?"""
 _GENERIC_TAIL = re.compile(
     r"(?i:"
@@ -407,7 +455,9 @@ GENERIC_SECRET = Detector(
     "api_key",
     re.compile(
         r"(?i:" + _WORD_START + _LABEL + r"(?![A-Za-z0-9_]))"
-        r"" + _ASSIGN + r"(?P<secret>" + _SECRET_CHARS + r"{16,})"
+        r"" + _ASSIGN + r"(?P<secret>" + _SECRET_CHARS + r"{16,}"
+        # a full stop that ends a sentence is not part of the value
+        r"(?!(?<=\.)(?:\s|\Z)))"
     ),
     _GENERIC_TAIL,
     validate=secret_span,
@@ -416,6 +466,7 @@ GENERIC_SECRET = Detector(
     ),
     refine=_generic_open,
     commit=lambda m: len(m.group("secret")) >= 32,
+    extend=_grows(_SECRET_CLASS),
     first="(?i:[" + "".join(sorted({label[0] for label in _LABELS})) + "])",
 )
 
@@ -424,6 +475,9 @@ _PK_WORD = r"[A-Z0-9]{1,32}"
 _PK_KIND = rf"(?:{_PK_WORD} ){{0,3}}PRIVATE KEY-----"
 _PK_HEADER = re.compile(r"-----BEGIN " + _PK_KIND)
 _PK_FOOTER = re.compile(r"-----END " + _PK_KIND)
+_PK_HEADER_MAX = len("-----BEGIN ") + 3 * 33 + len("PRIVATE KEY-----")
+_PK_FOOTER_MAX = len("-----END ") + 3 * 33 + len("PRIVATE KEY-----")
+assert _PK_HEADER_MAX + _PK_FOOTER_MAX < EXTEND_CONTEXT
 
 
 def _private_key_open(text: str, i: int, endpos: int) -> bool:
@@ -431,6 +485,18 @@ def _private_key_open(text: str, i: int, endpos: int) -> bool:
     if header is None:
         return True  # still a prefix of the header (the tail said so)
     return _PK_FOOTER.search(text, header.end(), endpos) is None
+
+
+def _private_key_extend(text: str, k: int, whole: bool) -> int | None:
+    # No footer ends before k, so a new one begins within a footer's length of
+    # it, and never inside the header (a header ends more than that before k
+    # unless the whole block is in view).
+    header = _PK_HEADER.match(text) if whole else None
+    start = k - _PK_FOOTER_MAX + 1
+    if header is not None and header.end() > start:
+        start = header.end()
+    footer = _PK_FOOTER.search(text, max(start, 0))
+    return None if footer is None else footer.end() - 1
 
 
 PRIVATE_KEY = Detector(
@@ -452,6 +518,7 @@ PRIVATE_KEY = Detector(
     evidence=re.compile(r"-----BEGIN "),
     refine=_private_key_open,
     commit=lambda m: True,
+    extend=_private_key_extend,
     leads="-",
     word_start=False,
     first="-",
@@ -461,7 +528,15 @@ PRIVATE_KEY = Detector(
 #: first that matches wins).
 BUILTIN: dict[str, tuple[Detector, ...]] = {
     "private_key": (PRIVATE_KEY,),
-    "api_key": (CHATHUB_KEY, SK_KEY, GITHUB_TOKEN, SLACK_TOKEN, AWS_KEY, GENERIC_SECRET),
+    "api_key": (
+        CHATHUB_KEY,
+        SK_KEY,
+        GITHUB_TOKEN,
+        GITHUB_PAT,
+        SLACK_TOKEN,
+        AWS_KEY,
+        GENERIC_SECRET,
+    ),
     "card": (CARD,),
     "iban": (IBAN,),
     "email": (EMAIL,),
@@ -473,37 +548,70 @@ def normalise_phrase(phrase: str) -> str:
     return " ".join(phrase.split())
 
 
+#: At most this many whitespace characters in a text match one space of a
+#: blocked phrase, so that a blocked phrase matches (and an unfinished one
+#: holds) at most its length with each space stretched to this many.
+PHRASE_GAP = 8
+
+
+def _phrase_char(ch: str, *, tail: bool = False) -> str:
+    """A regex (for re.I) for one character of a blocked phrase: a space is a
+    run of whitespace; any other character matches itself and its upper- and
+    lowercase forms, also where one of those is longer ("ß" is "SS" in
+    uppercase, "İ" an "i" and a combining dot in lowercase). For a ``tail``,
+    also any beginning of such a longer form at the end of the text."""
+    if ch == " ":
+        return rf"\s{{1,{PHRASE_GAP}}}"
+    forms = {ch, ch.lower(), ch.upper()}
+    if all(len(form) == 1 for form in forms):
+        return re.escape(ch.lower())
+    # longest first: a shorter form may match the beginning of a longer one
+    alts = [re.escape(form) for form in sorted(forms, key=lambda f: (-len(f), f))]
+    if tail:
+        starts = {form[:k] for form in forms for k in range(1, len(form))}
+        alts += [re.escape(start) + r"\Z" for start in sorted(starts)]
+    return "(?:" + "|".join(alts) + ")"
+
+
 def blocklist_detector(phrases: Iterable[str]) -> Detector | None:
-    """Case-insensitive, word-bounded phrases; any run of whitespace in the text
-    matches a space in a phrase."""
+    """Case-insensitive, word-bounded phrases; a run of 1 to :data:`PHRASE_GAP`
+    whitespace characters in the text matches a space in a phrase. A phrase
+    always matches itself and its upper- and lowercase forms (see
+    :func:`_phrase_char`)."""
     cleaned = sorted({normalise_phrase(p) for p in phrases if p.strip()}, key=lambda p: -len(p))
     if not cleaned:
         return None
 
-    def tokens(phrase: str) -> list[str]:
-        return [r"\s+" if ch == " " else re.escape(ch.lower()) for ch in phrase]
+    def tokens(phrase: str, *, tail: bool = False) -> list[str]:
+        return [_phrase_char(ch, tail=tail) for ch in phrase]
 
     def bounded(phrase: str) -> str:
         head = r"(?<!\w)" if re.match(r"\w", phrase[0]) else ""
         tail = r"(?!\w)" if re.match(r"\w", phrase[-1]) else ""
         return head + "".join(tokens(phrase)) + tail
 
+    # the first tokens of the phrases that begin with a word character
+    word_firsts = {tokens(p, tail=True)[0] for p in cleaned if re.match(r"\w", p[0])}
+
     def guard(tok: str) -> str:
-        return r"(?<!\w)" if re.fullmatch(r"\w", tok.replace("\\", "")) else ""
+        return r"(?<!\w)" if tok in word_firsts else ""
 
     # A phrase whose pattern and tail both begin with (?<!\w) starts at a word
     # start; any other, at its first character (compared case-insensitively).
+    def cases(ch: str) -> str:
+        return ch + ch.lower()[0] + ch.upper()[0]
+
     leads = "".join(
-        p[0] + p[0].lower()[0]
+        cases(p[0])
         for p in cleaned
-        if not (re.match(r"\w", p[0]) and guard(tokens(p)[0]))
+        if not (re.match(r"\w", p[0]) and guard(tokens(p, tail=True)[0]))
     )
-    # a phrase begins with the first character of its first token (ch.lower())
-    firsts = {ch for p in cleaned for ch in (p[0], p[0].lower()[0])}
+    # a phrase begins with the first character of its first character's forms
+    firsts = {ch for p in cleaned for ch in cases(p[0])}
     return Detector(
         "blocklist",
         re.compile("|".join(bounded(p) for p in cleaned), re.I),
-        re.compile("(?:" + _trie((tokens(p) for p in cleaned), guard) + r")\Z", re.I),
+        re.compile("(?:" + _trie((tokens(p, tail=True) for p in cleaned), guard) + r")\Z", re.I),
         leads=leads,
         first="[" + "".join(re.escape(ch) for ch in sorted(firsts)) + "]",
     )

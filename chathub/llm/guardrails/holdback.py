@@ -10,7 +10,8 @@ Guarantees
 ----------
 1. **Exact.** Unless a hold-back limit forces an early redaction (3.), the
    concatenated outputs of ``feed``... ``flush`` equal :func:`redact_all` of
-   the whole text, whatever the chunking and the timing. Released text never
+   the whole text, whatever the chunking and the timing. (A stream cut short
+   ends with ``flush(now, complete=False)``, which releases no more text.) Released text never
    changes afterwards; no rollback is needed, because a match that starts
    before the earliest open candidate can no longer change.
 2. **Nothing leaks.** No character of a span that :func:`redact_all` redacts
@@ -30,8 +31,9 @@ Guarantees
    (a partial word, a short number, the start of a label or of a blocked
    phrase) is never released early, since that could show the first
    characters of a secret: it waits for the next chunk or ``flush``, past
-   the limits. Such a candidate is at most 64 characters (an e-mail local
-   part) or the longest blocked phrase.
+   the limits. Such a candidate is at most 65 characters (an e-mail local
+   part and its ``@``) or the longest blocked phrase, with each of its
+   spaces stretched to ``PHRASE_GAP`` (8) whitespace characters.
 
    Open candidates are short in practice: the longest possible are an
    e-mail before its domain shows a top-level domain (132 characters), a
@@ -63,6 +65,13 @@ there only the detectors that may begin with the character found. Since every
 detector puts that start condition in front of its own regexes (see
 :func:`~chathub.llm.guardrails.detectors.start_condition`), this finds exactly
 what asking every detector at every position would.
+
+A committed candidate that is a certain match (an e-mail, a prefixed key, a
+generic secret of 32+ characters, a private-key block) is kept out of the
+text the filter looks at while it grows: each chunk of it is checked on its
+own, with a look-back of at most ``EXTEND_CONTEXT`` characters (see
+``Detector.extend``), so a chunk costs the same however long the match
+already is. The match is scanned once more, as a whole, when it ends.
 """
 
 from __future__ import annotations
@@ -73,7 +82,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
-from chathub.llm.guardrails.detectors import Detector, Hit, scan
+from chathub.llm.guardrails.detectors import EXTEND_CONTEXT, Detector, Extender, Hit, scan
 from chathub.llm.guardrails.policy import Policy
 
 #: Released characters kept before the unreleased text, for look-behinds.
@@ -100,6 +109,23 @@ class FilterOutput:
 
 
 _NOTHING = FilterOutput()
+
+
+class _Swallowed:
+    """A committed candidate that is a certain match, growing outside the
+    filter's text: the chunks received since, and the candidate's last
+    EXTEND_CONTEXT characters (all of it while ``whole``)."""
+
+    __slots__ = ("chunks", "extend", "size", "whole", "window")
+
+    def __init__(self, extend: Extender, candidate: str) -> None:
+        self.extend = extend
+        self.chunks: list[str] = []
+        self.size = 0
+        self.whole = len(candidate) <= EXTEND_CONTEXT
+        self.window = candidate if self.whole else candidate[-EXTEND_CONTEXT:]
+
+
 # for FilterOutput(...) without the frozen dataclass's slower __init__ (most
 # tokens make one): the slots' own setters
 _new = object.__new__
@@ -208,7 +234,9 @@ class HoldbackFilter:
     docstring for what is guaranteed.
 
     ``now`` is a monotonic clock in seconds. Use one filter per reply: ``feed``
-    each chunk, ``poll`` when no chunk came for a while, ``flush`` at the end.
+    each chunk, ``poll`` when no chunk came for a while, ``flush`` at the end:
+    ``flush(now)`` when the reply is complete, ``flush(now, complete=False)``
+    when it was cancelled or failed.
     """
 
     def __init__(
@@ -240,6 +268,8 @@ class HoldbackFilter:
         # a candidate at _pos whose replacement went out early (forced: by a limit)
         self._commit: tuple[Detector, bool] | None = None
         self._forced_end = 0  # text length when a limit forced the replacement
+        # the committed candidate, once certain, while it grows (see _swallow)
+        self._swallowed: _Swallowed | None = None
         self._arrivals: deque[tuple[int, float]] = deque()  # (absolute start, time)
         self._out: list[str] = []
         self._actions: list[tuple[str, str]] = []
@@ -278,7 +308,10 @@ class HoldbackFilter:
             raise RuntimeError("feed after flush")
         if self._blocked:
             return FilterOutput(blocked=True)
-        if chunk:
+        if self._swallowed is not None:
+            if chunk:
+                self._swallow(chunk, now)
+        elif chunk:
             text, offset = self._text, self._offset
             if self._timed:
                 self._arrivals.append((offset + len(text), now))
@@ -337,13 +370,33 @@ class HoldbackFilter:
         self._enforce_limits(now)
         return self._take()
 
-    def flush(self, now: float) -> FilterOutput:
-        """End of stream: release or redact everything still held."""
+    def flush(self, now: float, *, complete: bool = True) -> FilterOutput:
+        """End of stream; later calls return nothing and ``feed`` raises.
+
+        ``complete=True``: the text ends here. Everything still held is
+        released or redacted, so that all outputs together are exactly
+        :func:`redact_all` of the text (guarantee 1.).
+
+        ``complete=False``: the stream was cut short (cancelled, or the
+        provider failed) and the open candidate will never be finished, so it
+        is not released. Everything before it has been released already, as
+        this flush would release it. If the candidate shows evidence of a rule
+        (see 3.), the output is that rule's replacement (after the label of a
+        ``label=value`` secret), as when a limit is reached: a rule whose
+        action is ``block`` blocks (see 5.); otherwise the candidate is
+        dropped (in prose, the word being typed; a candidate replaced early
+        ends with its replacement). Hence no character of the open candidate
+        but such a label is ever sent: nothing of a span that
+        :func:`redact_all` would redact in any continuation of the text.
+        """
         if self._finished or self._blocked:
             self._finished = True
             return FilterOutput(blocked=self._blocked)
         self._finished = True
-        self._advance(final=True)
+        if complete:
+            self._advance(final=True)
+        elif self._commit is None and self.held > 0:
+            self._force_early()
         return self._take()
 
     # -- internals ----------------------------------------------------------------
@@ -360,15 +413,22 @@ class HoldbackFilter:
         actions.clear()
         return taken
 
-    def _advance(self, *, final: bool) -> None:
+    def _advance(self, *, final: bool, open_end: int | None = None) -> None:
+        """Resolve a committed candidate that is complete (at the end when
+        ``final``; ``open_end``: where it stopped being open, when known),
+        then release what may be released."""
         if self._commit is not None:
             det, forced = self._commit
-            if not final and det.open_at(self._text, self._pos):
+            if self._swallowed is not None:  # only when final
+                self._unswallow()
+            elif open_end is None and not final and det.open_at(self._text, self._pos):
+                if forced:
+                    self._swallow_if_certain(det)
                 return
             # The early-replaced candidate is complete. The scan below finds it
             # again (or what it really was) and sends nothing before _hidden.
             if forced:
-                covered = self._forced_cover(det, final)
+                covered = self._forced_cover(det, final, open_end)
             else:
                 hit = det.match_at(self._text, self._pos)  # certain, so it is there
                 covered = self._pos + 1 if hit is None else hit.end
@@ -613,16 +673,62 @@ class HoldbackFilter:
             self._actions.append(("redacted", rule))
         self._commit = (det, forced)
         self._forced_end = len(self._text)
+        if forced:
+            self._swallow_if_certain(det)
+        elif det.extend is not None and det.open_at(self._text, self._pos):
+            self._swallowed = _Swallowed(det.extend, self._text[self._pos :])
 
-    def _forced_cover(self, det: Detector, final: bool) -> int:
+    def _swallow_if_certain(self, det: Detector) -> None:
+        """Swallow a forced candidate once it is a certain match (before, it
+        is short: a candidate that may grow without end is a certain match)."""
+        if det.extend is None or det.commit is None:
+            return
+        text, pos = self._text, self._pos
+        m = det.pattern.match(text, pos)
+        if m is not None and det.commit(m) and det.validate(m) is not None:
+            self._swallowed = _Swallowed(det.extend, text[pos:])
+
+    def _swallow(self, chunk: str, now: float) -> None:
+        """Take a chunk of the committed candidate, looking at the chunk and
+        a bounded look-back only, until the candidate is complete."""
+        sw = self._swallowed
+        assert sw is not None
+        received = self._offset + len(self._text) + sw.size  # absolute end so far
+        if self._timed:
+            self._arrivals.append((received, now))
+        sw.chunks.append(chunk)
+        sw.size += len(chunk)
+        window = sw.window
+        seen = window + chunk
+        stop = sw.extend(seen, len(window), sw.whole)
+        if stop is None:
+            if len(seen) > EXTEND_CONTEXT:
+                sw.window = seen[-EXTEND_CONTEXT:]
+                sw.whole = False
+            else:
+                sw.window = seen
+            return
+        self._unswallow()
+        self._advance(final=False, open_end=received - len(window) + stop - self._offset)
+
+    def _unswallow(self) -> None:
+        sw = self._swallowed
+        assert sw is not None
+        self._text += "".join(sw.chunks)
+        self._swallowed = None
+
+    def _forced_cover(self, det: Detector, final: bool, open_end: int | None) -> int:
         """Where the text a forced replacement stands for ends: all that was
         held when it was sent, then the candidate for as long as it stayed
         open (less trailing spaces and punctuation), and anything that looked
         like a match there even if it did not validate (a Luhn-invalid
-        number): the rest of a non-match is not shown after its marker."""
+        number): the rest of a non-match is not shown after its marker.
+        ``open_end``: where the candidate stopped being open, when known."""
         text, pos = self._text, self._pos
         end = len(text)
-        if not final:
+        if open_end is not None:
+            end = max(self._forced_end, open_end)
+        elif not final:
             end = self._forced_end
             for n in range(len(text) - 1, self._forced_end, -1):
                 if det.open_at(text, pos, n):

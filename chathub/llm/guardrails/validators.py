@@ -58,10 +58,15 @@ def _ends_at_separators(s: str, seps: str) -> Iterable[int]:
             yield k
 
 
+#: what may separate the digit groups of a card number
+CARD_SEPARATORS = " -\u00a0\u202f"
+_NOT_DIGIT = re.compile(r"[^0-9]")
+
+
 def card_span(m: re.Match[str]) -> tuple[int, int] | None:
     s = m.group()
-    for end in _ends_at_separators(s, " -"):
-        digits = s[:end].replace(" ", "").replace("-", "")
+    for end in _ends_at_separators(s, CARD_SEPARATORS):
+        digits = _NOT_DIGIT.sub("", s[:end])
         # 0000 0000 0000 0000 passes Luhn but is no card
         repeated = digits.count(digits[0]) == len(digits)
         if 13 <= len(digits) <= 19 and not repeated and luhn_ok(digits):
