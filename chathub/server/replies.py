@@ -691,7 +691,9 @@ class Replies:
             text = ""
             if run.writer is not None:
                 try:
-                    await run.writer.finish()
+                    # A reply cut short (cancelled, failed) keeps nothing of
+                    # what the guardrail still held: it may be a secret's start.
+                    await run.writer.finish(complete=failure is None and not run.cancelled)
                 except StaleReply:
                     log.warning("reply %s was ended or replaced elsewhere", run.reply_id)
                     run.lost = True

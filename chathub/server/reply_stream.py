@@ -170,9 +170,12 @@ class DeltaWriter:
     def _can_flush_now(self) -> bool:
         return self._append_now is not None and not self._tasks and not self._lock.locked()
 
-    async def finish(self) -> None:
-        """End of the stream (or cancel, or failure): release what the filter
-        holds, write the rest. Idempotent."""
+    async def finish(self, *, complete: bool = True) -> None:
+        """End of the stream: release what the filter holds, write the rest.
+        A stream cut short (``complete=False``: cancelled, failed) releases
+        nothing of the open candidate: the word being typed is dropped, and
+        a pattern in the making is sent as its replacement (see
+        ``HoldbackFilter.flush``). Idempotent."""
         for timer in (self._flush_timer, self._poll_timer):
             if timer is not None:
                 timer.cancel()
@@ -183,7 +186,7 @@ class DeltaWriter:
         self._filter_raw(self._loop.time())
         if not self.blocked and not self.filter.blocked:
             try:
-                out = self.filter.flush(self._loop.time())
+                out = self.filter.flush(self._loop.time(), complete=complete)
             except RuntimeError:  # already flushed
                 out = FilterOutput()
             self._accept(out, self._loop.time())
@@ -240,12 +243,14 @@ class DeltaWriter:
             self._spawn_flush()
 
     def _arm_poll(self) -> None:
-        """Held text is looked at again after the hold-back time even if no
-        token comes (a limit may release it as a redaction)."""
-        if self._poll_timer is None and self.filter.held and not self.blocked:
-            self._poll_timer = self._loop.call_later(
-                max(self.filter.holdback_ms / 1000, 0.005), self._poll
-            )
+        """Held text is looked at again when its hold-back time is up even
+        if no token comes (the limit may release it as a redaction). Held
+        text whose time is up already waits for the next token."""
+        if self._poll_timer is not None or self.blocked:
+            return
+        deadline = self.filter.deadline
+        if deadline is not None and deadline > self._loop.time():
+            self._poll_timer = self._loop.call_at(deadline, self._poll)
 
     def _poll(self) -> None:
         self._poll_timer = None

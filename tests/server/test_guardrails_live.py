@@ -164,3 +164,31 @@ async def test_user_input_is_redacted_or_refused_per_mode(leaky: RunningServer) 
         assert injected.status_code == 403 and injected.json()["rule"] == "prompt_injection"
         stored = (await client.get(f"/chat/sessions/{strict}/messages", headers=h)).json()
         assert stored["items"] == []
+
+
+async def test_a_reply_failing_mid_address_keeps_no_part_of_it(tmp_path: Path) -> None:
+    """The provider fails while the guardrail holds ``ana.lo``: the failed
+    reply's partial text, sent and stored, ends before it."""
+    server = await start_server(
+        test_settings(
+            f"sqlite+aiosqlite:///{tmp_path / 'f.db'}",
+            tmp_path,
+            llm=f"scripted://?chunk=3&fail_after=5&text={quote(REPLY)}",
+            coalesce_ms=0,
+        )
+    )
+    try:
+        team = await make_team(server.state)
+        h = team.owner.headers
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            sid = (await client.post("/chat/sessions", json={}, headers=h)).json()["id"]
+            frames = await _turn(server, team, sid, "where do I write?")
+            history = await client.get(f"/chat/sessions/{sid}/messages", headers=h)
+        failed = frames[-1]
+        assert failed["type"] == "reply.failed", failed
+        streamed = "".join(f["text"] for f in frames if f["type"] == "reply.delta")
+        assert streamed == failed["partial"]["content"] == "Write to "
+        stored = next(m for m in history.json()["items"] if m["role"] == "assistant")
+        assert stored["content"] == "Write to "
+    finally:
+        await server.stop()

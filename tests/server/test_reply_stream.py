@@ -131,6 +131,66 @@ async def test_a_blocked_phrase_ends_the_output(coalesce_s: float) -> None:
 
 
 @pytest.mark.parametrize("coalesce_s", [0.0, 0.03], ids=["off", "30ms"])
+@pytest.mark.parametrize(
+    ("said", "kept"),
+    [
+        ("Write to ana.lo", "Write to "),  # no sign of an address yet: dropped
+        ("Write to ana.lopez@exam", "Write to [redacted:email]"),
+        ("Card 4111 1111 1111 11", "Card [redacted:card]"),
+        ("That is all for tod", "That is all for "),
+    ],
+)
+async def test_a_stream_cut_short_keeps_nothing_the_guardrail_held(
+    coalesce_s: float, said: str, kept: str
+) -> None:
+    """Cancelled or failed mid-stream, the reply ends without the text the
+    guardrail was holding back: it may be the start of a secret."""
+    log = MemorySessionLog()
+    events = _events(log)
+    writer = _writer(log, coalesce_s=coalesce_s)
+    for i in range(0, len(said), 2):
+        await writer.write(said[i : i + 2])
+    await writer.finish(complete=False)
+    assert "".join(_deltas(events)) == writer.text == kept
+
+
+async def test_held_text_is_redacted_when_its_own_hold_back_time_is_up() -> None:
+    """The time limit counts from the arrival of the oldest text still held,
+    not from when the writer last looked: a card number that arrives while
+    a word is held is redacted one window after it came, not later."""
+    log = MemorySessionLog()
+    loop = asyncio.get_running_loop()
+    redacted = loop.create_future()
+
+    def seen(event: Event) -> None:
+        if event.type == "reply.guardrail" and not redacted.done():
+            redacted.set_result(loop.time())
+
+    log.add_listener(seen)
+    writer = DeltaWriter(
+        log=log,
+        session_id="s1",
+        reply_id="r1",
+        policy=Policy.default(),
+        holdback_chars=128,
+        holdback_ms=1000,
+        coalesce_s=0.0,
+        coalesce_chars=512,
+    )
+    await writer.write("Pay wi")  # "wi" is held: no sign of a pattern
+    await asyncio.sleep(0.5)
+    card_came = loop.time()
+    await writer.write("th 4111 1111 1111 1")  # 13 digits: evidence of a card
+    redacted_at = await asyncio.wait_for(redacted, 5)
+    assert redacted_at - card_came >= 0.99  # not before its window is up
+    # one window after it came (the writer's first look, 0.5 s earlier, was
+    # too soon for it); looking again a window after that would be 1.5 s
+    assert redacted_at - card_came < 1.3
+    await writer.finish()
+    assert writer.text == "Pay with [redacted:card]"
+
+
+@pytest.mark.parametrize("coalesce_s", [0.0, 0.03], ids=["off", "30ms"])
 async def test_a_surrogate_pair_split_across_tokens_is_joined(coalesce_s: float) -> None:
     """Some proxies cut text by UTF-16 unit: the halves of an emoji arrive
     in two tokens. Each delta holds whole code points (a lone half, which no

@@ -303,6 +303,21 @@ class HoldbackFilter:
         held = len(self._text) - (pos if pos > hidden else hidden)
         return held if held > 0 else 0
 
+    @property
+    def deadline(self) -> float | None:
+        """When the time limit next acts on what is held (on the clock of
+        ``feed``): the oldest held character's arrival plus ``holdback_ms``.
+        None when nothing is held, or there is no time limit. ``poll`` at
+        that time releases it as a redaction if it shows evidence by then;
+        if not, only a later chunk can change that, and ``feed`` applies the
+        limits itself."""
+        if not self._timed or self._finished or self._blocked or self._commit is not None:
+            return None
+        start = max(self._pos, self._hidden)
+        if len(self._text) <= start:
+            return None
+        return self._arrival(self._offset + start) + self.holdback_ms / 1000.0
+
     def feed(self, chunk: str, now: float) -> FilterOutput:
         if self._finished:
             raise RuntimeError("feed after flush")
