@@ -58,7 +58,7 @@ from chathub.llm.context import (
     provider_counter,
     provider_window,
 )
-from chathub.llm.guardrails import check_input, detect
+from chathub.llm.guardrails import check_input, detect, redact_all
 from chathub.llm.modes import Mode, mode_policy
 from chathub.llm.retry import call_with_retry, stream_with_retry
 from chathub.server import metrics
@@ -804,7 +804,7 @@ class Replies:
                     status=status,
                     stop_reason=stop_reason,
                     usage=usage,
-                    trace={"steps": run.trace} if run.trace else None,
+                    trace={"steps": _guarded_trace(run)} if run.trace else None,
                 )
                 view = message_view(finished) if finished is not None else None
                 if view is None and again:
@@ -969,6 +969,30 @@ def _usage_view(run: ReplyRun, failure: ProviderError | None = None) -> dict[str
     if counted_in is None or counted_out is None:
         view["estimated"] = True
     return view
+
+
+def _guarded_trace(run: ReplyRun) -> list[dict[str, Any]]:
+    """The flow's steps as stored with the reply: what the model produced
+    passes the mode's output guardrail, as its streamed text does (each
+    string redacted; a string a rule blocks ends with that rule's
+    replacement where the block began)."""
+    policy = mode_policy(run.mode)
+
+    def guarded(value: Any) -> Any:
+        if isinstance(value, str):
+            filtered = redact_all(value, policy)
+            for action, rule in filtered.actions:
+                metrics.GUARDRAIL_ACTIONS.labels(action=action, rule=rule).inc()
+            if filtered.blocked:
+                return filtered.text + policy.replacement(filtered.actions[-1][1])
+            return filtered.text
+        if isinstance(value, list):
+            return [guarded(item) for item in value]
+        if isinstance(value, dict):
+            return {key: guarded(item) for key, item in value.items()}
+        return value
+
+    return [{"step": done["step"], "output": guarded(done["output"])} for done in run.trace]
 
 
 def _step_system(run: ReplyRun, step_prompt: str) -> str:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import httpx
 
 from tests.harness import RunningServer, TeamFixture
+from tests.server.test_ws import custom_server, scripted
 from tests.wsclient import WsClient, reply_end
 
 
@@ -64,3 +68,27 @@ async def test_the_finished_turn_over_rest_keeps_the_trace_for_admins(
         f"/chat/sessions/{sid}/messages", json=body, headers=team.owner.headers
     )
     assert as_owner.json()["reply"]["trace"]["steps"][0]["step"] == "frame"
+
+
+async def test_a_steps_output_passes_the_output_guardrail_in_the_trace(
+    tmp_path: Path,
+) -> None:
+    """What a structured step produced is model output, kept with the reply:
+    redacted like the streamed text."""
+    framed = {
+        "goals": ["Email ana.lopez@example.com the launch plan"],
+        "constraints": ["Card 4111 1111 1111 1111 pays for the venue"],
+        "open_questions": [],
+    }
+    async with custom_server(tmp_path, llm=scripted(json=json.dumps(framed))) as s:
+        h = s.team.owner.headers
+        sid = (await s.client.post("/chat/sessions", json={"mode": "plan"}, headers=h)).json()["id"]
+        body = {"content": "Plan the launch", "client_msg_id": "p1"}
+        turn = await s.client.post(f"/chat/sessions/{sid}/messages", json=body, headers=h)
+        assert turn.status_code == 201, turn.text
+    [step] = turn.json()["reply"]["trace"]["steps"]
+    assert step["output"] == {
+        "goals": ["Email [redacted:email] the launch plan"],
+        "constraints": ["Card [redacted:card] pays for the venue"],
+        "open_questions": [],
+    }
