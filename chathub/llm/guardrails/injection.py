@@ -67,13 +67,34 @@ class InjectionScore:
     findings: tuple[Finding, ...]
 
 
+# Characters that show nothing (zero-width spaces and joiners, the soft
+# hyphen, word joiners, directional marks, the BOM): "ign\u00adore previous
+# instructions" reads as the marker, so the markers are looked for without them.
+_INVISIBLE = re.compile("[\u00ad\u034f\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+
+
+def _visible(text: str) -> tuple[str, list[int] | None]:
+    """``text`` without invisible characters, and for each of its
+    characters where it is in ``text`` (None when there were none)."""
+    if _INVISIBLE.search(text) is None:
+        return text, None
+    where = [i for i, ch in enumerate(text) if not _INVISIBLE.fullmatch(ch)]
+    return "".join(text[i] for i in where), where
+
+
 def score_injection(text: str) -> InjectionScore:
+    """The markers found in ``text`` (invisible characters inside them
+    ignored) and their total weight; each finding's span is in ``text``."""
+    visible, where = _visible(text)
     findings: list[Finding] = []
     score = 0.0
     for _name, pattern, weight in MARKERS:
-        m = pattern.search(text)
+        m = pattern.search(visible)
         if m is not None:
             score += weight
-            findings.append(Finding("prompt_injection", m.span(), m.group()))
+            start, end = m.span()
+            if where is not None:
+                start, end = where[start], where[end - 1] + 1
+            findings.append(Finding("prompt_injection", (start, end), text[start:end]))
     findings.sort(key=lambda f: f.span)
     return InjectionScore(round(score, 3), tuple(findings))
