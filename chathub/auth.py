@@ -1,4 +1,5 @@
-"""Credentials: API keys and JWTs. Pure functions, no I/O.
+"""Credentials: API keys and JWTs. Pure functions, no I/O (but a debug log line
+saying why a token was refused).
 
 An API key is ``chk_<prefix>_<secret>``; only its SHA-256 is stored, with the
 visible prefix. A JWT carries the member, team and role of the key it was
@@ -8,6 +9,7 @@ exchanged for; ``exp``, ``iat``, ``aud`` and ``iss`` are always checked.
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from chathub.errors import Unauthorized
 ROLES = ("viewer", "member", "admin", "owner")
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
 KEY_PREFIX = "chk_"
+
+log = logging.getLogger("chathub.auth")
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,9 @@ class TokenCodec:
         except jwt.ExpiredSignatureError as exc:
             raise Unauthorized("token expired") from exc
         except jwt.InvalidTokenError as exc:
-            raise Unauthorized(f"invalid token: {exc}") from exc
+            # PyJWT's words are about its parsing, not for the caller.
+            log.debug("token refused: %s", exc)
+            raise Unauthorized("invalid token") from exc
         role = claims.get("role")
         team_id = claims.get("team_id")
         key_id = claims.get("kid")

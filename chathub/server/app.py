@@ -223,13 +223,16 @@ def create_app(
     problems.install(app)
 
     def limit_for(path: str) -> int:
+        # The upload limit is for the multipart body /files streams once the
+        # caller is known; a JSON body is held to max_body_bytes on every
+        # path, /files too, by the input checks, which read it before that.
         if path == "/files":
             return settings.max_file_bytes + MULTIPART_OVERHEAD
         return settings.max_body_bytes
 
     # The last added runs first: HEAD becomes GET before anything else looks;
     # the input checks read bodies inside the body limit.
-    app.add_middleware(InputChecks)
+    app.add_middleware(InputChecks, json_limit=settings.max_body_bytes)
     app.add_middleware(BodyLimit, limit_for=limit_for)
     app.add_middleware(HttpMetrics)
     app.add_middleware(HeadAsGet)

@@ -3,15 +3,20 @@ middleware, so an oversize upload is refused without being buffered)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 from collections.abc import Callable
 
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chathub.errors import TooLarge
+from chathub.errors import ChathubError, TooLarge
 
 MULTIPART_OVERHEAD = 64 * 1024
+DISCARD_BYTES = 1024 * 1024
+"""How much of a body declared past its limit is still read (and dropped)."""
 
 
 class BodyTooLarge(HTTPException):
@@ -41,8 +46,7 @@ class BodyLimit:
                 except ValueError:
                     declared = 0
                 if declared > limit:
-                    await _refuse(send, limit)
-                    await _discard(receive)
+                    await refuse(send, receive, too_large(limit), drain=DISCARD_BYTES)
                     return
         received = 0
         response_started = False
@@ -66,32 +70,43 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not response_started:
-                await _refuse(send, limit)
+                await refuse(send, receive, too_large(limit), drain=0)
 
 
-async def _discard(receive: Receive, budget: int = 1024 * 1024) -> None:
-    """Read (and drop) some of a refused body, so that a client still sending
-    it reads the 413 instead of a reset connection."""
-    while budget > 0:
-        message = await receive()
-        if message["type"] != "http.request":
-            return
-        budget -= len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
+DISCARD_WITHIN_S = 30.0
+"""How long the rest of a refused body is read at most."""
 
 
-async def _refuse(send: Send, limit: int) -> None:
-    body = orjson.dumps(TooLarge(f"request body is larger than {limit} bytes").problem())
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def refuse(
+    send: Send, receive: Receive, error: ChathubError, *, drain: float = math.inf
+) -> None:
+    """Answer ``error`` (problem+json) and close the connection, as nginx's
+    lingering close does: the answer goes out at once, then up to ``drain``
+    more bytes of the body are read and dropped (for at most
+    :data:`DISCARD_WITHIN_S`; inside :class:`BodyLimit`, its limit bounds
+    them too) before the response ends and uvicorn closes. A client, or a
+    proxy, still sending the body reads the answer instead of a reset: a
+    proxy counts a reset as its upstream failing."""
+    body = orjson.dumps(error.problem())
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *((name.lower().encode(), value.encode()) for name, value in error.http_headers().items()),
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    with contextlib.suppress(TimeoutError, BodyTooLarge):
+        async with asyncio.timeout(DISCARD_WITHIN_S):
+            while drain > 0:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                drain -= len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+    await send({"type": "http.response.body", "body": b""})
+
+
+def too_large(limit: int) -> TooLarge:
+    return TooLarge(f"request body is larger than {limit} bytes")
