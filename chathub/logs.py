@@ -9,6 +9,11 @@ them: a reply's records name the request that sent its message.
 ``CHATHUB_LOG_FORMAT``: ``json`` (one object per line: ``ts``, ``level``,
 ``logger``, ``message``, the ids that are bound, ``exc`` for a traceback),
 ``text``, or ``auto`` (the default): text on a terminal, JSON otherwise.
+
+No credential reaches the log, whatever the level (:class:`Redaction`): the
+loggers that dump protocol traffic at debug (:data:`TRAFFIC_LOGGERS`) are
+kept to info and above even at ``CHATHUB_LOG_LEVEL=debug``, and API keys,
+JWTs, ``Bearer`` values and ``"token"`` fields are masked in every message.
 """
 
 from __future__ import annotations
@@ -38,6 +43,52 @@ _IDS: tuple[tuple[str, ContextVar[str | None]], ...] = (
 
 #: A client's request id is taken as it is when it looks like one.
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+TRAFFIC_LOGGERS = ("uvicorn.error", "websockets", "aiosqlite")
+"""Loggers whose debug records are traffic, not diagnostics: the WebSocket
+handshake's headers (``Authorization`` included) and every frame (``auth``
+frames included) on ``uvicorn.error``; each SQL statement with its
+parameters (message text, key hashes) on ``aiosqlite``. uvicorn sets the
+level of ``uvicorn.error`` itself when it starts, so they are dropped by
+:class:`Redaction` rather than by a logger level."""
+
+_TRAFFIC_CHILDREN = tuple(name + "." for name in TRAFFIC_LOGGERS)
+
+MASK = "***"
+# A "token" (or "access_token", "api_key") field of JSON or of a Python repr,
+# up to its closing quote: a frame logged cut short keeps its tail.
+_TOKEN_FIELD = re.compile(r"""(["'](?:\w*token|api_key)["']\s*:\s*["'])[^"']*""", re.IGNORECASE)
+_BEARER = re.compile(r"""(\bbearer\s+)[^\s'"]+""", re.IGNORECASE)
+# An API key keeps its visible prefix (listed by GET /team/api-keys).
+_API_KEY = re.compile(r"\b(chk_[0-9a-f]{8}_)[\w-]+|\bchk_[\w-]+")
+_JWT = re.compile(r"\beyJ[\w-]*\.[\w-]*(?:\.[\w-]*)?")
+
+
+def redact(text: str) -> str:
+    """``text`` with every credential in it masked."""
+    text = _TOKEN_FIELD.sub(rf"\g<1>{MASK}", text)
+    text = _BEARER.sub(rf"\g<1>{MASK}", text)
+    text = _API_KEY.sub(lambda m: (m.group(1) or "chk_") + MASK, text)
+    return _JWT.sub("eyJ" + MASK, text)
+
+
+class Redaction(logging.Filter):
+    """On the handler: drops the debug records of :data:`TRAFFIC_LOGGERS`
+    and masks credentials in the message of every other record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO and (
+            record.name in TRAFFIC_LOGGERS or record.name.startswith(_TRAFFIC_CHILDREN)
+        ):
+            return False
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True  # a broken record: the handler reports it as it would have
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
 
 
 def bind(
@@ -109,6 +160,7 @@ def configure(level: str, log_format: str) -> None:
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    handler.addFilter(Redaction())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -20,6 +20,7 @@ import pytest
 from chathub import logs
 from tests.scaleout.conftest import reap, spawn_serve
 from tests.test_cli import CHATHUB, run
+from tests.wsclient import WsClient
 
 
 @pytest.fixture
@@ -207,3 +208,125 @@ async def test_bad_settings_exit_2_with_what_to_change(tmp_path: Path) -> None:
     assert code == 2
     assert err.startswith("chathub: bad settings: CHATHUB_LOG_FORMAT:"), err
     assert "Traceback" not in err
+
+
+# -- no credential in the log -------------------------------------------------
+
+API_KEY = "chk_8294b205_ZEWbwZpMJHYvr-6CxKfNbX_jBWgBLDcYlhjGHNf1_7U"
+JWT = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIwMWEyMjZmMSJ9"
+    ".Zm9vYmFyYmF6cXV4LXNpZ25hdHVyZV9vZl90aGVfdG9rZW4"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        (f"< authorization: Bearer {API_KEY}", "< authorization: Bearer ***"),
+        (f"authorization: bearer {JWT}", "authorization: bearer ***"),
+        # websockets logs a long frame cut in the middle: the tail goes too
+        (
+            """< TEXT '{"type": "auth", "token": "chk_8294b205_ZEWbwZp..._jBWgBLDcYlhjGHNf1_7U"}""",
+            """< TEXT '{"type": "auth", "token": "***"}""",
+        ),
+        (f"{{'access_token': '{JWT}', 'x': 1}}", "{'access_token': '***', 'x': 1}"),
+        (f"key {API_KEY} used", "key chk_8294b205_*** used"),
+        (f"a token {JWT}.", "a token eyJ***."),
+        ("a token of thanks, chk_ nothing", "a token of thanks, chk_ nothing"),
+    ],
+)
+def test_credentials_are_masked(text: str, masked: str) -> None:
+    assert logs.redact(text) == masked
+
+
+def test_the_handler_drops_traffic_debug_records_and_masks_the_others(captured: Any) -> None:
+    _, out, handler = captured
+    handler.addFilter(logs.Redaction())
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    try:
+        for name in ("uvicorn.error", "websockets.server", "aiosqlite"):
+            traffic = logging.getLogger(name)
+            traffic.addHandler(handler)
+            traffic.setLevel(logging.DEBUG)
+            traffic.propagate = False
+            traffic.debug("< authorization: Bearer %s", API_KEY)
+            traffic.info("kept, and masked: %s", API_KEY)
+        own = logging.getLogger("chathub.test-logs")
+        own.setLevel(logging.DEBUG)
+        own.debug("a debug line of our own with %s", JWT)
+    finally:
+        for name in ("uvicorn.error", "websockets.server", "aiosqlite"):
+            traffic = logging.getLogger(name)
+            traffic.removeHandler(handler)
+            traffic.setLevel(logging.NOTSET)
+            traffic.propagate = True
+    assert out.getvalue().splitlines() == [
+        "uvicorn.error INFO kept, and masked: chk_8294b205_***",
+        "websockets.server INFO kept, and masked: chk_8294b205_***",
+        "aiosqlite INFO kept, and masked: chk_8294b205_***",
+        "chathub.test-logs DEBUG a debug line of our own with eyJ***",
+    ]
+
+
+async def test_serve_at_debug_writes_no_key_or_token(tmp_path: Path) -> None:
+    """API keys and JWTs used over REST, in a socket's upgrade and in its
+    ``auth`` frame: none of them in the log of a server at debug level,
+    which still writes chathub's own debug lines."""
+    env = {
+        "CHATHUB_DATA_DIR": str(tmp_path / "data"),
+        "CHATHUB_LOG_FORMAT": "json",
+        "CHATHUB_LOG_LEVEL": "debug",
+        "CHATHUB_LLM": "scripted://?text=fine",
+    }
+    code, out, err = await run(
+        str(CHATHUB), "admin", "bootstrap", "--team", "Logs", "--email", "o@logs.example", env=env
+    )
+    assert code == 0, err
+    api_key = json.loads(out.splitlines()[-1])["api_key"]
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHATHUB_")}
+    log = tmp_path / "serve.log"
+    server = spawn_serve("serve", clean | env, log, tmp_path)
+    try:
+        await server.wait_ready()
+        async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
+            r = await http.post("/auth/token", json={"api_key": api_key})
+            assert r.status_code == 200, r.text
+            token = r.json()["access_token"]
+            for credential in (api_key, token):
+                r = await http.get(
+                    "/chat/sessions", headers={"Authorization": f"Bearer {credential}"}
+                )
+                assert r.status_code == 200, r.text
+            r = await http.get("/chat/sessions", headers={"Authorization": "Bearer abc.def.ghi"})
+            assert r.status_code == 401, r.text
+        ws_url = server.url.replace("http", "ws") + "/ws"
+        for credential in (api_key, token):
+            for first_frame_auth in (False, True):
+                ws = await WsClient.connect(ws_url, credential, first_frame_auth=first_frame_auth)
+                assert ws.welcome["type"] == "welcome"
+                await ws.close()
+    finally:
+        await reap(server.proc)
+
+    text = log.read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    secrets = {
+        "api key": api_key,
+        "api key secret": api_key.split("_", 2)[2],
+        "api key tail": api_key[-12:],
+        "jwt": token,
+        "jwt signature": token.rsplit(".", 1)[1],
+        "jwt tail": token[-12:],
+    }
+    for name, secret in secrets.items():
+        leaks = [r for r in records if secret in json.dumps(r)]
+        assert not leaks, (name, leaks[:3])
+    assert any(
+        r["logger"] == "chathub.auth" and r["level"] == "debug" and "Invalid header" in r["message"]
+        for r in records
+    ), "chathub's own debug lines are kept"
+    assert any(
+        r["logger"] == "uvicorn.error" and r["message"] == "Application startup complete."
+        for r in records
+    )
