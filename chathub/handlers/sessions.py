@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response, StreamingResponse
 
 from chathub.auth import Principal
-from chathub.errors import BadRequest
+from chathub.errors import BadRequest, Unauthorized
 from chathub.handlers.deps import MemberUser, PageDep, SessionDep, StateDep, Viewer
 from chathub.handlers.schemas import Page, StrictBody, errors
 from chathub.ids import new_id
@@ -229,13 +229,19 @@ async def post_message(
     for ``text/event-stream``; otherwise this answers once the reply ends.
     A retry with the same ``client_msg_id`` starts nothing and answers with
     the stored turn as JSON, once its reply has ended, whichever instance
-    generates it."""
+    generates it.
+
+    The caller's credentials stay checked while the request lasts, as a
+    socket's are: once they are revoked (or the token expires) the stream
+    ends with an ``error`` event (``unauthorized``), or the wait answers
+    401. The reply goes on and is stored: it belongs to the session."""
     async with state.sessionmaker() as db:
         chat = await repo.get_session(db, team_id=principal.team_id, session_id=session_id)
     await state.replies.floor_from_store(chat.id, chat.last_seq)
     sink = Connection(None, new_id(), principal, max_queue=1_000_000)
-    await state.hub.join(sink, session_id, None)
+    state.credentials.follow(sink)
     try:
+        await state.hub.join(sink, session_id, None)
         result = await state.replies.send(
             principal,
             session_id=session_id,
@@ -245,7 +251,7 @@ async def post_message(
             file_ids=body.file_ids,
         )
     except BaseException:
-        state.hub.leave(sink, session_id)
+        _release(state, sink, session_id)
         raise
     wants_sse = accepts_event_stream(request.headers.get("accept", ""))
     if wants_sse and not result.duplicate and result.reply_id is not None:
@@ -258,7 +264,7 @@ async def post_message(
         if result.reply_id is not None:
             await _until_reply_ends(state, sink, principal.team_id, result.reply_id)
     finally:
-        state.hub.leave(sink, session_id)
+        _release(state, sink, session_id)
     async with state.sessionmaker() as db:
         message = await repo.get_message(
             db, team_id=principal.team_id, message_id=result.message["id"]
@@ -276,6 +282,18 @@ async def post_message(
     )
 
 
+def _release(state: AppState, sink: Connection, session_id: str) -> None:
+    state.hub.leave(sink, session_id)
+    state.credentials.unfollow(sink)
+
+
+def _check_credentials(state: AppState, sink: Connection) -> None:
+    """Raise Unauthorized once the sink is closed for its credentials."""
+    reason = state.credentials.closed_reason(sink)
+    if reason is not None:
+        raise Unauthorized(reason)
+
+
 async def _until_reply_ends(state: AppState, sink: Connection, team_id: str, reply_id: str) -> None:
     """Return once the reply has ended, wherever it runs (a retry may reach
     another instance than the one generating it): its run, when it runs
@@ -283,14 +301,33 @@ async def _until_reply_ends(state: AppState, sink: Connection, team_id: str, rep
     before the send) cannot miss while the stored reply still streams, since
     a reply is stored before its ending event is appended. Should the sink
     lose events (closed as slow, or left behind the log), the stored reply
-    is read again every :data:`REPLY_RECHECK_S`."""
+    is read again every :data:`REPLY_RECHECK_S`. Raises Unauthorized as
+    soon as the sink is closed for its credentials (the reply goes on)."""
     if reply_id in state.replies.runs:
-        await state.replies.wait(reply_id)
+        ended = asyncio.ensure_future(state.replies.wait(reply_id))
+        revoked = asyncio.ensure_future(_until_revoked(state, sink))
+        try:
+            done, _ = await asyncio.wait((ended, revoked), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            revoked.cancel()
+        if ended not in done:
+            _check_credentials(state, sink)
         return
     while await _still_streaming(state, team_id, reply_id):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(REPLY_RECHECK_S):
-                await _ending_event(sink, reply_id)
+                await _ending_event(state, sink, reply_id)
+        _check_credentials(state, sink)
+
+
+async def _until_revoked(state: AppState, sink: Connection) -> None:
+    """Return once ``sink`` is closed for its credentials. Its frames are
+    dropped meanwhile: a reply that runs here is waited for through its run."""
+    while not sink.closed:
+        await sink.take()
+    if state.credentials.closed_reason(sink) is None:
+        await asyncio.get_running_loop().create_future()
 
 
 async def _still_streaming(state: AppState, team_id: str, reply_id: str) -> bool:
@@ -299,13 +336,16 @@ async def _still_streaming(state: AppState, team_id: str, reply_id: str) -> bool
     return reply.status == "streaming"
 
 
-async def _ending_event(sink: Connection, reply_id: str) -> None:
+async def _ending_event(state: AppState, sink: Connection, reply_id: str) -> None:
     """Wait for ``reply_id``'s ``reply.completed`` or ``reply.failed`` on
-    ``sink``; once the sink is closed, for ever (the caller's timeout)."""
+    ``sink``; once the sink is closed, return if that was for its
+    credentials, else wait for ever (the caller's timeout)."""
     while not sink.closed:
         for frame in await sink.take():
             if _ends(orjson.loads(frame), reply_id):
                 return
+    if state.credentials.closed_reason(sink) is not None:
+        return
     await asyncio.get_running_loop().create_future()
 
 
@@ -318,6 +358,9 @@ def _ends(event: dict[str, Any], reply_id: str) -> bool:
 async def _event_stream(
     state: AppState, sink: Connection, session_id: str, reply_id: str
 ) -> AsyncIterator[str]:
+    """The session's events until the reply's end; or, once the caller's
+    credentials are revoked or expire, an ``error`` event (``unauthorized``,
+    the socket's close reason as its message) and the end."""
     try:
         while not sink.closed:
             for frame in await sink.take():
@@ -325,8 +368,12 @@ async def _event_stream(
                 yield f"id: {event.get('seq', '')}\nevent: {event['type']}\ndata: {frame}\n\n"
                 if _ends(event, reply_id):
                     return
+        reason = state.credentials.closed_reason(sink)
+        if reason is not None:
+            error = orjson.dumps(Unauthorized(reason).frame()).decode()
+            yield f"event: error\ndata: {error}\n\n"
     finally:
-        state.hub.leave(sink, session_id)
+        _release(state, sink, session_id)
 
 
 def accepts_event_stream(accept: str) -> bool:

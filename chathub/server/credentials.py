@@ -1,4 +1,7 @@
-"""The credentials of open sockets, kept true for as long as they are open.
+"""The credentials of open sockets, kept true for as long as they are open;
+and those of REST requests that follow a reply (``POST
+/chat/sessions/{id}/messages``, streaming it as server-sent events or waiting
+for its end), the same way.
 
 A socket authenticates once, but what it authenticated with can change while
 it stays open. REST checks the key, the member and the role on every request;
@@ -18,6 +21,11 @@ a socket gets the same answers this way:
   :data:`RECHECK_S`: by a sweep over this instance's sockets, listening or
   not, and before a frame that reads or changes the team's data; and every
   socket is checked at once when the bus comes back after a drop.
+
+A REST request following a reply has a socket-less :class:`Connection`
+(its sink), which :meth:`SocketCredentials.follow` watches as a socket for as
+long as the request lasts: its sink is closed with 4401 for the same reasons,
+and the request ends on it (:meth:`SocketCredentials.closed_reason` says why).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import timedelta
@@ -104,6 +113,10 @@ class SocketCredentials:
         self._unsubscribe = bus.subscribe(CHANNEL, self._on_changed)
         self._unregister = bus.on_reconnect(self._recheck_everyone)
         self._sweeper: asyncio.Task[None] | None = None
+        # The sinks of REST requests that follow a reply, by team; and why
+        # those closed for their credentials were closed.
+        self._sinks: defaultdict[str, set[Connection]] = defaultdict(set)
+        self._sink_closed: dict[Connection, str] = {}
 
     def start(self) -> None:
         """Start the sweep that checks every socket again each
@@ -119,15 +132,15 @@ class SocketCredentials:
         """Check this instance's sockets (those last checked before
         ``checked_before``, or all), team by team; a team whose check fails
         (the database did not answer) is tried again at the next sweep."""
-        for team_id in self.hub.team_ids():
+        for team_id in {*self.hub.team_ids(), *self._sinks}:
             conns = [
                 c
-                for c in self.hub.team_connections(team_id)
+                for c in self._team_connections(team_id)
                 if checked_before is None or c.checked_at <= checked_before
             ]
             try:
                 for conn in await self._recheck(team_id, conns):
-                    conn.close_soon(CLOSE_UNAUTHORIZED, REVOKED)
+                    self._close(conn, REVOKED)
             except Exception as exc:
                 log.warning("could not check the sockets of team %s: %r", team_id, exc)
 
@@ -143,6 +156,45 @@ class SocketCredentials:
         if conn.expiry is not None:
             conn.expiry.cancel()
             conn.expiry = None
+
+    def follow(self, sink: Connection) -> None:
+        """Watch the socket-less ``sink`` of a REST request, just
+        authenticated, as a socket until :meth:`unfollow`: it is closed
+        (4401) when its key or member is gone or its token expires."""
+        self._sinks[sink.principal.team_id].add(sink)
+        self.watch(sink)
+
+    def unfollow(self, sink: Connection) -> None:
+        """Stop watching ``sink``; idempotent."""
+        self.forget(sink)
+        self._sink_closed.pop(sink, None)
+        team_id = sink.principal.team_id
+        sinks = self._sinks.get(team_id)
+        if sinks is not None:
+            sinks.discard(sink)
+            if not sinks:
+                del self._sinks[team_id]
+
+    def closed_reason(self, sink: Connection) -> str | None:
+        """Why the followed ``sink`` was closed for its credentials
+        (:data:`REVOKED` or :data:`EXPIRED`), or None when it was not."""
+        return self._sink_closed.get(sink)
+
+    def followed(self, team_id: str) -> list[Connection]:
+        """The sinks of ``team_id`` followed here."""
+        return list(self._sinks.get(team_id, ()))
+
+    def _team_connections(self, team_id: str) -> list[Connection]:
+        """The team's sockets registered here, and its followed sinks."""
+        return [*self.hub.team_connections(team_id), *self.followed(team_id)]
+
+    def _close(self, conn: Connection, reason: str) -> None:
+        """Close ``conn`` with 4401 (a followed sink keeps the reason)."""
+        if conn.closed:
+            return
+        if conn in self._sinks.get(conn.principal.team_id, ()):
+            self._sink_closed[conn] = reason
+        conn.close_soon(CLOSE_UNAUTHORIZED, reason)
 
     async def refresh(self, conn: Connection, token: str) -> Principal:
         """An ``auth`` frame on an open socket: a fresh token for the same
@@ -189,8 +241,8 @@ class SocketCredentials:
     async def _on_changed(self, message: dict[str, Any]) -> None:
         team_id = message.get("team_id")
         if isinstance(team_id, str):
-            for conn in await self._recheck(team_id, self.hub.team_connections(team_id)):
-                conn.close_soon(CLOSE_UNAUTHORIZED, REVOKED)
+            for conn in await self._recheck(team_id, self._team_connections(team_id)):
+                self._close(conn, REVOKED)
 
     async def _recheck(self, team_id: str, conns: Iterable[Connection]) -> list[Connection]:
         """Check each socket's member and key (once per distinct pair); a
@@ -227,11 +279,10 @@ class SocketCredentials:
         delay = max(0.0, expires_at - time.time())
         conn.expiry = loop.call_at(loop.time() + delay, self._expire, conn, expires_at)
 
-    @staticmethod
-    def _expire(conn: Connection, expires_at: float) -> None:
+    def _expire(self, conn: Connection, expires_at: float) -> None:
         # A refresh since this was armed moved the expiry: nothing to do.
-        if conn.principal.expires_at == expires_at and not conn.closed:
-            conn.close_soon(CLOSE_UNAUTHORIZED, EXPIRED)
+        if conn.principal.expires_at == expires_at:
+            self._close(conn, EXPIRED)
 
     def close(self) -> None:
         self._unsubscribe()
@@ -240,3 +291,6 @@ class SocketCredentials:
             self._sweeper.cancel()
         for conn in self.hub.connections.values():
             self.forget(conn)
+        for sinks in self._sinks.values():
+            for sink in sinks:
+                self.forget(sink)
