@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
 from chathub.config import Settings
+from chathub.server.redis_bus import redis_client, retry_once
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,10 @@ class RedisRateLimiter:
     """Shared limits: every instance reads and writes the same bucket, in one
     atomic script, against Redis's clock (so instances' clocks don't matter)."""
 
-    def __init__(self, url: str, *, prefix: str = "chathub:rate:") -> None:
-        from chathub.server.redis_bus import redis_client
-
-        self._redis: Redis = redis_client(url)
+    def __init__(
+        self, url: str, *, prefix: str = "chathub:rate:", name: str = "chathub-rate"
+    ) -> None:
+        self._redis: Redis = redis_client(url, name=name)
         self._script = self._redis.register_script(_LUA)
         self.prefix = prefix
 
@@ -117,10 +118,18 @@ class RedisRateLimiter:
     async def _take(
         self, key: str, cost: float, limit: float, period_s: float, *, force: bool
     ) -> Decision:
-        seconds, micros = await self._redis.time()
-        now = seconds + micros / 1_000_000
-        args = [repr(now), repr(cost), repr(limit), repr(period_s), "1" if force else "0"]
-        allowed, wait = await self._script(keys=[self.prefix + key], args=args)
+        # Tried again once on a dropped connection (a pooled connection Redis
+        # closed in a restart), as every Redis path is. Should the first try's
+        # script have run before its reply was lost, the bucket is charged
+        # twice: the client waits a little longer, no limit is exceeded.
+        async def take(_again: bool) -> list[Any]:
+            seconds, micros = await self._redis.time()
+            now = seconds + micros / 1_000_000
+            args = [repr(now), repr(cost), repr(limit), repr(period_s), "1" if force else "0"]
+            result: list[Any] = await self._script(keys=[self.prefix + key], args=args)
+            return result
+
+        allowed, wait = await retry_once(take)
         return Decision(bool(allowed), float(wait))
 
     async def close(self) -> None:

@@ -183,3 +183,31 @@ async def test_a_refused_message_takes_nothing_from_any_limit(tmp_path: Path) ->
             assert theirs.status_code == 201, theirs.text
     finally:
         await server.stop()
+
+
+async def test_redis_limiter_carries_on_after_its_connections_are_killed() -> None:
+    """What a Redis restart does to a replica's pooled connections: the next
+    hit (the next message sent) still gets an answer, not an error."""
+    import redis.asyncio as aioredis
+
+    name = f"rate-test-{secrets.token_hex(4)}"
+    limiter = RedisRateLimiter(REDIS_URL, name=name)
+    admin = aioredis.Redis.from_url(REDIS_URL)
+    key = secrets.token_hex(8)
+    try:
+        assert (await limiter.hit(key, cost=1, limit=5, period_s=60)).allowed
+        ids = [c["id"] for c in await admin.client_list() if c["name"] == name]
+        assert ids
+        for client_id in ids:
+            await admin.client_kill_filter(_id=str(client_id))
+        assert (await limiter.hit(key, cost=1, limit=5, period_s=60)).allowed
+        await limiter.charge(key, cost=1, limit=5, period_s=60)
+        for client_id in [c["id"] for c in await admin.client_list() if c["name"] == name]:
+            await admin.client_kill_filter(_id=str(client_id))
+        await limiter.charge(key, cost=1, limit=5, period_s=60)
+        # 4 of 5 taken
+        assert (await limiter.hit(key, cost=1, limit=5, period_s=60)).allowed
+        assert not (await limiter.hit(key, cost=1, limit=5, period_s=60)).allowed
+    finally:
+        await limiter.close()
+        await admin.aclose()
