@@ -23,6 +23,47 @@ class ConfigError(RuntimeError):
     """The settings cannot run a server; the message says what to change."""
 
 
+DATABASE_DRIVERS = {"postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_database_url(url: str) -> str:
+    """``url`` if chathub can use it (``postgresql+asyncpg://`` or
+    ``sqlite+aiosqlite://``); else a ValueError saying what to write."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        driver = make_url(url).drivername
+    except ArgumentError:
+        raise ValueError(
+            "not a database URL; expected postgresql+asyncpg://USER:PASSWORD@HOST/DB "
+            "or sqlite+aiosqlite:///PATH"
+        ) from None
+    if driver in DATABASE_DRIVERS.values():
+        return url
+    backend = "postgresql" if driver.split("+")[0] in ("postgres", "postgresql") else driver
+    if backend in DATABASE_DRIVERS:
+        wanted = DATABASE_DRIVERS[backend]
+        raise ValueError(f"{driver}:// has no driver chathub uses; write {wanted}:// instead")
+    raise ValueError(
+        f"{driver}:// is not supported; chathub runs on postgresql+asyncpg:// "
+        "or sqlite+aiosqlite://"
+    )
+
+
+def check_redis_url(url: str) -> str:
+    """``url`` if it names a Redis server (``redis://``, ``rediss://`` for
+    TLS, ``unix://`` for a socket); else a ValueError."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in REDIS_SCHEMES:
+        raise ValueError(
+            f"{url!r} is not a Redis URL; expected redis://HOST:PORT/DB, rediss:// (TLS) "
+            "or unix:///PATH"
+        )
+    return url
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATHUB_", extra="ignore")
 
@@ -97,6 +138,21 @@ class Settings(BaseSettings):
     @classmethod
     def _any_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        return check_database_url(value) if value else None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        return check_redis_url(value) if value else value
+
+    @field_validator("redis_log_shards")
+    @classmethod
+    def _redis_log_shards(cls, value: list[str]) -> list[str]:
+        return [check_redis_url(url) for url in value]
 
     @property
     def redis_prefix(self) -> str:

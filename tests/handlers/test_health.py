@@ -6,8 +6,19 @@ import socket
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.harness import TeamFixture, http_client, server_on
+from chathub.storage.migrate import upgrade_async
+from tests.harness import (
+    TeamFixture,
+    create_pg_database,
+    drop_pg_database,
+    http_client,
+    pg_url,
+    server_on,
+    start_server,
+    test_settings,
+)
 
 
 async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
@@ -16,10 +27,38 @@ async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
     assert ready.status_code == 200
     assert ready.json()["checks"] == {
         "database": "ok",
+        "schema": "ok",
         "bus": "ok",
         "session_log": "ok",
         "llm": "ok",
     }
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_readyz_is_not_ready_on_an_older_schema(tmp_path: Path, backend: str) -> None:
+    """A replica started on a database not (yet) migrated to this code's
+    revision is not ready (``schema``), and becomes ready once it is."""
+    pg_name = await create_pg_database() if backend == "postgres" else None
+    url = pg_url(pg_name) if pg_name else f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    try:
+        await upgrade_async(url, "0002")
+        server = await start_server(test_settings(url, tmp_path), migrate=False)
+        try:
+            async with http_client(server) as client:
+                ready = await client.get("/readyz")
+                assert ready.status_code == 503, ready.text
+                assert ready.json()["checks"]["schema"] == "error"
+                assert ready.json()["checks"]["database"] == "ok"
+                assert "schema" in ready.json()["detail"]
+                await upgrade_async(url)
+                ready = await client.get("/readyz")
+                assert ready.status_code == 200, ready.text
+                assert ready.json()["checks"]["schema"] == "ok"
+        finally:
+            await server.stop()
+    finally:
+        if pg_name:
+            await drop_pg_database(pg_name)
 
 
 def closed_port() -> int:
