@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from chathub import logs
-from tests.scaleout.conftest import reap, spawn_serve
+from tests.scaleout.conftest import Instance, reap, spawn_serve
 from tests.test_cli import CHATHUB, run
 from tests.wsclient import WsClient
 
@@ -135,6 +135,23 @@ def test_a_client_request_id_is_kept_only_when_it_looks_like_one(
 # -- chathub serve ------------------------------------------------------------
 
 
+async def bootstrapped_server(
+    tmp_path: Path, env: dict[str, str]
+) -> tuple[dict[str, str], Instance, Path, str]:
+    """A team bootstrapped with ``env``, then ``chathub serve`` started with
+    it (not waited for), logging to a file: what the bootstrap printed (the
+    team's id, the owner's API key), the server, its log, and what the
+    bootstrap wrote to stderr."""
+    code, out, err = await run(
+        str(CHATHUB), "admin", "bootstrap", "--team", "Logs", "--email", "o@logs.example", env=env
+    )
+    assert code == 0, err
+    created: dict[str, str] = json.loads(out.splitlines()[-1])
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHATHUB_")}
+    log = tmp_path / "serve.log"
+    return created, spawn_serve("serve", clean | env, log, tmp_path), log, err
+
+
 async def test_serve_writes_json_lines_with_the_ids_of_each_request(tmp_path: Path) -> None:
     env = {
         "CHATHUB_DATA_DIR": str(tmp_path / "data"),
@@ -144,18 +161,10 @@ async def test_serve_writes_json_lines_with_the_ids_of_each_request(tmp_path: Pa
         # Forwarded headers believed only from this proxy (not this client).
         "CHATHUB_FORWARDED_ALLOW_IPS": "192.0.2.1",
     }
-    code, out, err = await run(
-        str(CHATHUB), "admin", "bootstrap", "--team", "Logs", "--email", "o@logs.example", env=env
-    )
-    assert code == 0, err
-    created = json.loads(out.splitlines()[-1])
+    created, server, log, err = await bootstrapped_server(tmp_path, env)
     # The migrations' progress, as JSON lines too.
     assert all(json.loads(line)["logger"] for line in err.splitlines())
     headers = {"Authorization": f"Bearer {created['api_key']}"}
-
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHATHUB_")}
-    log = tmp_path / "serve.log"
-    server = spawn_serve("serve", clean | env, log, tmp_path)
     try:
         await server.wait_ready()
         async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=15) as http:
@@ -278,15 +287,8 @@ async def test_serve_at_debug_writes_no_key_or_token(tmp_path: Path) -> None:
         "CHATHUB_LOG_LEVEL": "debug",
         "CHATHUB_LLM": "scripted://?text=fine",
     }
-    code, out, err = await run(
-        str(CHATHUB), "admin", "bootstrap", "--team", "Logs", "--email", "o@logs.example", env=env
-    )
-    assert code == 0, err
-    api_key = json.loads(out.splitlines()[-1])["api_key"]
-
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHATHUB_")}
-    log = tmp_path / "serve.log"
-    server = spawn_serve("serve", clean | env, log, tmp_path)
+    created, server, log, _ = await bootstrapped_server(tmp_path, env)
+    api_key = created["api_key"]
     try:
         await server.wait_ready()
         async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:

@@ -15,25 +15,15 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from tests.handlers.test_auth import claims_for
 from tests.harness import JWT_SECRET, RunningServer, TeamFixture
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def claims_of(team: TeamFixture, **changes: Any) -> dict[str, Any]:
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "sub": team.owner.member_id,
-        "team_id": team.team_id,
-        "role": "owner",
-        "kid": team.owner.api_key_id,
-        "iat": now,
-        "exp": now + 600,
-        "aud": "chathub",
-        "iss": "chathub",
-    }
-    claims.update(changes)
-    return {k: v for k, v in claims.items() if v is not None}
+    """Claims as chathub issues them for the team's owner and key."""
+    return claims_for(team.owner, kid=team.owner.api_key_id, **changes)
 
 
 def bad_tokens(team: TeamFixture) -> dict[str, tuple[str, str]]:
