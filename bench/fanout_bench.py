@@ -434,6 +434,9 @@ def chathub_env(database_url: str, data_dir: Path, **settings: Any) -> dict[str,
         "rate_team_messages": 0,
         "rate_user_tokens": 0,
         "rate_team_tokens": 0,
+        # One member holds every socket and creates every session.
+        "rate_user_sessions": 0,
+        "ws_max_per_member": 0,
         "log_level": "warning",
     }
     values.update(settings)

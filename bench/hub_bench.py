@@ -719,6 +719,9 @@ def run_once(
                     "CHATHUB_RATE_TEAM_MESSAGES": "0",
                     "CHATHUB_RATE_USER_TOKENS": "0",
                     "CHATHUB_RATE_TEAM_TOKENS": "0",
+                    # ... and one member holds every socket and creates every session.
+                    "CHATHUB_RATE_USER_SESSIONS": "0",
+                    "CHATHUB_WS_MAX_PER_MEMBER": "0",
                 }
             )
             boot = subprocess.run(

@@ -87,6 +87,8 @@ def run_once(code: str, src: str | None, database: str, turns: int) -> Run:
                 "CHATHUB_RATE_TEAM_MESSAGES": "0",
                 "CHATHUB_RATE_USER_TOKENS": "0",
                 "CHATHUB_RATE_TEAM_TOKENS": "0",
+                "CHATHUB_RATE_USER_SESSIONS": "0",
+                "CHATHUB_WS_MAX_PER_MEMBER": "0",
                 "CHATHUB_EXTRACTION_DEBOUNCE_S": "3600",
             }
         )

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     ws_auth_timeout_s: float = 10.0
     ws_heartbeat_s: float = 20.0
     ws_send_queue: int = 1024
+    # Open sockets one member may hold on this instance (each worker of
+    # ``--workers`` counts its own); the next is closed with 4429. 0: no cap.
+    ws_max_per_member: int = Field(default=50, ge=0)
     # permessage-deflate costs more CPU than it saves on small token frames.
     ws_compression: bool = False
     # The proxies whose X-Forwarded-For/-Proto headers are believed (client
@@ -128,6 +131,10 @@ class Settings(BaseSettings):
     rate_user_tokens: int = Field(default=50_000, ge=0)
     rate_team_tokens: int = Field(default=500_000, ge=0)
     max_message_chars: int = Field(default=32_000, ge=1)
+    rate_user_sessions: int = Field(default=60, ge=0)
+    # Upload bytes: the declared Content-Length, else the stored size.
+    rate_user_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    rate_team_upload_bytes: int = Field(default=2 * 1024 * 1024 * 1024, ge=0)
 
     # The streaming output guardrail holds back at most this much (a sentence
     # end releases earlier); see chathub.llm.guardrails.holdback.

@@ -68,6 +68,10 @@ def test_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settin
         "rate_team_messages": 0,
         "rate_user_tokens": 0,
         "rate_team_tokens": 0,
+        "rate_user_sessions": 0,
+        "rate_user_upload_bytes": 0,
+        "rate_team_upload_bytes": 0,
+        "ws_max_per_member": 0,
     }
     values.update(overrides)
     return Settings(**values)

@@ -21,6 +21,12 @@ Where the contract is silent:
 - ``Last-Modified`` of the content is the file's ``created_at``: the bytes
   are shared with every file of any team that has the same ones, so
   nothing about them (such as when they were first stored) may show.
+- Uploads take from the member's and the team's upload bytes per minute
+  (``CHATHUB_RATE_USER_UPLOAD_BYTES``, ``_TEAM_``): the declared
+  ``Content-Length`` (multipart framing included) before the body is read,
+  refused with 429 at once; without one (chunked), the stored size once it
+  is stored, owed even past the limit, and an upload is refused while a
+  bucket owes.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from starlette.responses import FileResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from chathub.auth import Principal
-from chathub.errors import BadRequest, Forbidden, NotFound, RangeNotSatisfiable
+from chathub.errors import BadRequest, Forbidden, NotFound, RangeNotSatisfiable, RateLimited
 from chathub.handlers.deps import PageDep, SessionDep, StateDep, Viewer, authenticate, bearer_token
 from chathub.handlers.file_meta import (
     OCTET_STREAM,
@@ -52,6 +58,8 @@ from chathub.handlers.file_meta import (
 )
 from chathub.handlers.schemas import Out, Page, errors
 from chathub.handlers.upload_form import receive_upload
+from chathub.server import ratelimit
+from chathub.server.limits import refuse
 from chathub.server.multipart import MultipartStream
 from chathub.server.state import AppState
 from chathub.storage.db import transaction
@@ -119,22 +127,58 @@ _UPLOAD_BODY = {
 }
 
 
+class UnreadBodyRefusal(Response):
+    """A refusal answered before the body is read: sent at once, then the
+    body is read and dropped (within the upload limit, for at most 30 s)
+    before the connection closes, so that a client or a proxy still sending
+    it reads the answer instead of a reset (``chathub.server.limits.refuse``)."""
+
+    def __init__(self, error: RateLimited) -> None:
+        super().__init__(status_code=error.status)
+        self.error = error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await refuse(send, receive, self.error)
+
+
+def _declared_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    return int(value) if value is not None and value.isascii() and value.isdigit() else None
+
+
 @router.post(
     "",
     status_code=201,
-    responses=errors(403, 404, 413),
+    response_model=FileOut,
+    responses=errors(403, 404, 413, 429),
     openapi_extra={"requestBody": _UPLOAD_BODY},
 )
 async def upload_file(
     request: Request, principal: Writer, state: StateDep, response: Response
-) -> FileOut:
+) -> FileOut | Response:
     """Upload a file: ``multipart/form-data`` with the part ``file`` and
     optionally ``session_id``. The body is streamed to disk; a file over
-    ``max_file_bytes`` is refused with 413 and leaves nothing behind."""
+    ``max_file_bytes`` is refused with 413 and leaves nothing behind; past
+    the upload bytes per minute, 429 (see the module docstring)."""
+    s = state.settings
+    buckets = [
+        (f"upload:u:{principal.member_id}", s.rate_user_upload_bytes),
+        (f"upload:t:{principal.team_id}", s.rate_team_upload_bytes),
+    ]
+    declared = _declared_length(request)
+    try:
+        # Without a length, nothing is taken yet: only a bucket that owes refuses.
+        await ratelimit.take(
+            state.limiter, [("upload bytes", key, declared or 0, limit) for key, limit in buckets]
+        )
+    except RateLimited as exc:
+        return UnreadBodyRefusal(exc)
     form = MultipartStream.from_request(request)
-    upload = await receive_upload(form, state.blobs, max_bytes=state.settings.max_file_bytes)
+    upload = await receive_upload(form, state.blobs, max_bytes=s.max_file_bytes)
     info = upload.blob.info
     try:
+        if declared is None:  # what arrived is owed, even should the rest fail
+            await ratelimit.owe(state.limiter, buckets, info.size)
         content_type = sniff_content_type(
             info.head,
             declared=upload.declared_content_type,

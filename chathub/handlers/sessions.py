@@ -19,6 +19,7 @@ from chathub.errors import BadRequest, Unauthorized
 from chathub.handlers.deps import MemberUser, PageDep, SessionDep, StateDep, Viewer
 from chathub.handlers.schemas import Page, StrictBody, errors
 from chathub.ids import new_id
+from chathub.server import ratelimit
 from chathub.server.connection import Connection
 from chathub.server.state import AppState
 from chathub.storage.db import transaction
@@ -84,10 +85,13 @@ async def list_sessions(
     )
 
 
-@router.post("", status_code=201, responses=errors(403))
+@router.post("", status_code=201, responses=errors(403, 429))
 async def create_session(
     body: SessionCreate, principal: MemberUser, db: SessionDep, state: StateDep
 ) -> SessionOut:
+    """Past ``CHATHUB_RATE_USER_SESSIONS`` a minute for the member: 429."""
+    limit = state.settings.rate_user_sessions
+    await ratelimit.take(state.limiter, [("sessions", f"sess:u:{principal.member_id}", 1, limit)])
     await _check_mode(db, principal.team_id, body.mode)
     row = await repo.create_session(
         db,

@@ -48,6 +48,10 @@ PATH = "/ws"
 
 PROTOCOL_VERSION = 1
 
+CLOSE_TOO_MANY_SOCKETS = 4429
+"""The member already has ``CHATHUB_WS_MAX_PER_MEMBER`` sockets open on this
+instance (sent after authentication, instead of the welcome)."""
+
 
 def origin_allowed(origin: str | None, host: str | None, settings: Settings) -> bool:
     """No Origin (not a browser) is allowed; ``*`` allows any; with an empty
@@ -83,9 +87,15 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     if authenticated is None:
         return
     principal, auth_id = authenticated
+    hub = state.hub
+    member_id = principal.member_id  # a fresh token is for the same member
+    if not hub.admit(member_id, settings.ws_max_per_member):
+        metrics.SOCKET_CAP_CLOSES.inc()
+        with contextlib.suppress(Exception):
+            await websocket.close(code=CLOSE_TOO_MANY_SOCKETS, reason="too many sockets")
+        return
     conn = Connection(websocket, new_id(), principal, settings.ws_send_queue)
     logs.bind(request=conn.id, team=principal.team_id)
-    hub = state.hub
     try:
         await _greet(state, conn, auth_id)  # the first frame, before the hub sends any
         hub.register(conn)
@@ -97,6 +107,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         log.exception("socket %s crashed", conn.id)
         conn.close_soon(CLOSE_INTERNAL, "internal error")
     finally:
+        hub.release(member_id)  # first: a reconnecting client finds it free
         state.credentials.forget(conn)
         hub.unregister(conn)
         await conn.drain_and_stop(0)

@@ -154,6 +154,7 @@ def create_app(
                 leases=leases,
                 named_providers=named_providers,
             ),
+            limiter=limiter,
             dashboards=dashboards,
             session_feed=SessionFeed(bus=bus, hub=hub),
             extractor=extractor,

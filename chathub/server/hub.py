@@ -32,9 +32,29 @@ class Hub:
         # the number of that reconnection (see resync_dashboards).
         self._dashboard_stale: dict[Connection, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Each member's sockets here, from authentication (before the
+        # welcome, so sockets authenticating at once cannot all pass the
+        # cap) until they end: see admit.
+        self._member_slots: dict[str, int] = {}
         session_log.add_listener(self.on_event)
 
     # -- connections -------------------------------------------------------
+
+    def admit(self, member_id: str, cap: int) -> bool:
+        """Take one of ``member_id``'s ``cap`` socket slots on this instance
+        (``cap`` 0: no cap); False, taking none, when all are in use. A
+        socket admitted gives its slot back with :meth:`release` as it ends."""
+        held = self._member_slots.get(member_id, 0)
+        if cap and held >= cap:
+            return False
+        self._member_slots[member_id] = held + 1
+        return True
+
+    def release(self, member_id: str) -> None:
+        """Give back a slot :meth:`admit` took."""
+        held = self._member_slots.pop(member_id, 0) - 1
+        if held > 0:
+            self._member_slots[member_id] = held
 
     def register(self, conn: Connection) -> None:
         self.connections[conn.id] = conn

@@ -31,6 +31,11 @@ OPEN_SOCKETS = Gauge(
 FRAMES_IN = Counter("chathub_frames_in_total", "Client frames received")
 FRAMES_OUT = Counter("chathub_frames_out_total", "Frames sent to clients")
 SLOW_CLOSES = Counter("chathub_slow_client_closes_total", "Sockets closed for a full send queue")
+SOCKET_CAP_CLOSES = Counter(
+    "chathub_socket_cap_closes_total",
+    "Sockets closed (4429) for their member's open sockets on this instance"
+    " (CHATHUB_WS_MAX_PER_MEMBER)",
+)
 RESUMES = Counter("chathub_resumes_total", "Joins with after_seq", ["recovered"])
 REPLIES = Counter("chathub_replies_total", "Replies by end state", ["stop_reason"])
 TIME_TO_FIRST_TOKEN = Histogram(

@@ -8,18 +8,23 @@ cannot hold it. A refused call costs nothing. ``charge`` records a cost known
 only afterwards (the tokens a reply used) even past the limit: the bucket
 owes it, and the next calls wait until it is paid back; a negative cost
 gives back what a call took.
+
+:func:`take` and :func:`owe` apply the settings' per-minute limits to a
+request: a member's and a team's buckets at once, refused as ``RateLimited``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
 from chathub.config import Settings
+from chathub.errors import RateLimited
 from chathub.server.redis_bus import redis_client, retry_once
 
 
@@ -145,3 +150,53 @@ def create_rate_limiter(settings: Settings) -> RateLimiter:
 def retry_after(decisions: list[Decision]) -> float | None:
     waits = [d.retry_after_s for d in decisions if not d.allowed]
     return math.ceil(max(waits) * 1000) / 1000 if waits else None
+
+
+PER_MINUTE_S = 60.0
+"""The period of the settings' limits (``CHATHUB_RATE_*``): per minute."""
+
+Bucket = tuple[str, str, float, int]
+"""(what it counts, key, cost, limit per minute); a limit of 0 is off."""
+Taken = list[tuple[str, float, int]]
+"""What :func:`take` took: (key, cost, limit) per bucket."""
+
+
+async def take(limiter: RateLimiter, buckets: Iterable[Bucket]) -> Taken:
+    """Take each bucket's cost, from all of them or from none: when one
+    cannot hold its cost, what the others took is given back and
+    ``RateLimited`` is raised with the longest wait, naming what is over.
+    At most a whole limit is taken from a bucket, so that one request larger
+    than the limit passes when the bucket is full rather than never."""
+    taken: Taken = []
+    decisions: list[Decision] = []
+    refused: list[str] = []
+    for what, key, cost, limit in buckets:
+        if limit > 0:
+            share = min(cost, limit)
+            decision = await limiter.hit(key, cost=share, limit=limit, period_s=PER_MINUTE_S)
+            decisions.append(decision)
+            if decision.allowed:
+                taken.append((key, share, limit))
+            elif what not in refused:
+                refused.append(what)
+    wait = retry_after(decisions)
+    if wait is not None:
+        await give_back(limiter, taken)
+        raise RateLimited(
+            f"too many {' and '.join(refused)} this minute; try again later", retry_after_s=wait
+        )
+    return taken
+
+
+async def give_back(limiter: RateLimiter, taken: Taken) -> None:
+    """Return what :func:`take` took (its request was not carried out)."""
+    for key, cost, limit in taken:
+        await limiter.charge(key, cost=-cost, limit=limit, period_s=PER_MINUTE_S)
+
+
+async def owe(limiter: RateLimiter, buckets: Iterable[tuple[str, int]], cost: float) -> None:
+    """Charge ``cost``, known only afterwards, to every (key, limit) bucket
+    even past its limit: the next requests wait until it is paid back."""
+    for key, limit in buckets:
+        if limit > 0:
+            await limiter.charge(key, cost=cost, limit=limit, period_s=PER_MINUTE_S)

@@ -33,7 +33,6 @@ from chathub.errors import (
     Conflict,
     Forbidden,
     NotFound,
-    RateLimited,
     TooLarge,
     Unavailable,
 )
@@ -61,11 +60,11 @@ from chathub.llm.context import (
 from chathub.llm.guardrails import check_input, detect, redact_all
 from chathub.llm.modes import Mode, mode_policy
 from chathub.llm.retry import call_with_retry, stream_with_retry
-from chathub.server import metrics
+from chathub.server import metrics, ratelimit
 from chathub.server.bus import Bus
 from chathub.server.extraction import Extractor
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
-from chathub.server.ratelimit import Decision, MemoryRateLimiter, RateLimiter, retry_after
+from chathub.server.ratelimit import MemoryRateLimiter, RateLimiter
 from chathub.server.reply_stream import DeltaWriter
 from chathub.server.session_log import LogUnavailable, SessionLog, StaleReply
 from chathub.server.summarizer import HISTORY_LIMIT, SessionSummarizer
@@ -83,8 +82,6 @@ log = logging.getLogger("chathub.replies")
 CANCEL_CHANNEL = "reply.cancel"
 EARLY_CANCELS_KEPT = 1000
 """Cancels of replies not (yet) running here that are remembered."""
-RATE_PERIOD_S = 60.0
-"""The period of the rate limits: their numbers are per minute."""
 ENDING_PATIENCE_S = 30.0
 """How long a reply's end waits for an unreachable database."""
 
@@ -434,7 +431,7 @@ class Replies:
 
     async def _check_rate(self, principal: Principal, *texts: str) -> Charge:
         """Per-user and per-team limits on messages and on the model's tokens
-        (``RATE_PERIOD_S``). A message is refused while its sender or team
+        (per minute). A message is refused while its sender or team
         is over either. Its own tokens (the message's and its attachments',
         estimated) are taken now; what its reply used beyond them, when the
         reply ends (:meth:`_charge_usage`). Returns what was taken; a message
@@ -444,39 +441,17 @@ class Replies:
         larger than the limit is not refused for ever."""
         s = self.settings
         tokens = sum(estimate_tokens(text) for text in texts)
-        checks = [
+        checks: list[ratelimit.Bucket] = [
             ("messages", f"msg:u:{principal.member_id}", 1, s.rate_user_messages),
             ("messages", f"msg:t:{principal.team_id}", 1, s.rate_team_messages),
             ("tokens", f"tok:u:{principal.member_id}", tokens, s.rate_user_tokens),
             ("tokens", f"tok:t:{principal.team_id}", tokens, s.rate_team_tokens),
         ]
-        charge = Charge(tokens)
-        decisions: list[Decision] = []
-        refused: list[str] = []
-        for what, key, cost, limit in checks:
-            if limit > 0:
-                taken = min(cost, limit)
-                decision = await self.limiter.hit(
-                    key, cost=taken, limit=limit, period_s=RATE_PERIOD_S
-                )
-                decisions.append(decision)
-                if decision.allowed:
-                    charge.taken.append((key, taken, limit))
-                elif what not in refused:
-                    refused.append(what)
-        wait = retry_after(decisions)
-        if wait is not None:
-            await self._refund(charge)
-            raise RateLimited(
-                f"too many {' and '.join(refused)} this minute; try again later",
-                retry_after_s=wait,
-            )
-        return charge
+        return Charge(tokens, await ratelimit.take(self.limiter, checks))
 
     async def _refund(self, charge: Charge) -> None:
         """Give back what :meth:`_check_rate` took."""
-        for key, taken, limit in charge.taken:
-            await self.limiter.charge(key, cost=-taken, limit=limit, period_s=RATE_PERIOD_S)
+        await ratelimit.give_back(self.limiter, charge.taken)
 
     async def _charge_usage(self, run: ReplyRun, usage: Usage) -> None:
         """The tokens the reply used (its prompt and its output) beyond those
@@ -484,14 +459,12 @@ class Replies:
         even past the limit, so their next messages wait until it is paid."""
         s = self.settings
         owed = usage.input_tokens + usage.output_tokens - run.charged_tokens
-        if owed <= 0:
-            return
-        for key, limit in (
-            (f"tok:u:{run.member_id}", s.rate_user_tokens),
-            (f"tok:t:{run.team_id}", s.rate_team_tokens),
-        ):
-            if limit > 0:
-                await self.limiter.charge(key, cost=owed, limit=limit, period_s=RATE_PERIOD_S)
+        if owed > 0:
+            buckets = [
+                (f"tok:u:{run.member_id}", s.rate_user_tokens),
+                (f"tok:t:{run.team_id}", s.rate_team_tokens),
+            ]
+            await ratelimit.owe(self.limiter, buckets, owed)
 
     def provider_for(self, mode: Mode) -> LLMProvider:
         """The mode's provider: one of the operator's named providers

@@ -14,6 +14,7 @@ from chathub.server.credentials import SocketCredentials
 from chathub.server.dashboards import Dashboards
 from chathub.server.extraction import Extractor
 from chathub.server.hub import Hub
+from chathub.server.ratelimit import RateLimiter
 from chathub.server.replies import Replies
 from chathub.server.session_feed import SessionFeed
 from chathub.server.session_log import SessionLog
@@ -34,6 +35,9 @@ class AppState:
     bus: Bus
     hub: Hub
     replies: Replies
+    limiter: RateLimiter
+    """The rate limits' buckets (in process, or shared through Redis), the
+    same ones ``replies`` takes messages from."""
     dashboards: Dashboards
     session_feed: SessionFeed
     extractor: Extractor
