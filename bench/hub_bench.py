@@ -12,7 +12,10 @@ and its client as a second subprocess pinned to core 1, on loopback only:
   queue no client fills, rate limits off, log level warning. ``independent``:
   N sockets, each joined to its own session and sending one message, so N
   replies stream at once. ``fanout``: N sockets joined to one session, one of
-  them sends, all receive the one reply.
+  them sends, all receive the one reply. ``hub-off-unguarded``: as
+  ``hub-off``, with the sessions in a team mode whose guardrail rules are all
+  off, so that the output guardrail holds nothing back and every token is a
+  frame: the hub's cost per frame apart from the guardrail.
 * ``bare``: ``bench/bare_ws_server.py``, a Starlette endpoint on uvicorn with
   the same ``uvicorn.run`` arguments, sending the same number of pre-encoded
   frames of the same shape and size to each socket, back to back.
@@ -69,6 +72,10 @@ RUN_TIMEOUT_S = 45.0  # the client's budget for one run (setup, warm-up, timed r
 SERVER_START_TIMEOUT_S = 30.0
 # The shipped "chat" mode caps a reply at max_output_tokens (1024) * 4 characters.
 MAX_REPLY_CHARS = 1024 * 4
+
+# What a team mode document copies from the shipped "chat" mode.
+MODE_FIELDS = ("description", "system_prompt", "temperature", "max_output_tokens",
+               "context_budget", "extraction")  # fmt: skip
 
 DELTA = '{"type":"reply.delta"'
 COMPLETED = '{"type":"reply.completed"'
@@ -448,6 +455,8 @@ async def _round(
 async def _client_main(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
+    from chathub.llm.guardrails.policy import POLICY_RULES
+
     base = f"http://127.0.0.1:{args.port}"
     n, warm = args.sockets, args.warmup_sockets
     independent = args.mode == "independent"
@@ -458,8 +467,23 @@ async def _client_main(args: argparse.Namespace) -> dict[str, Any]:
             r.raise_for_status()
             headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
 
+            body: dict[str, Any] = {}
+            if args.unguarded:
+                # A team mode like "chat" with every guardrail rule off: the
+                # output guardrail then holds nothing back, and with
+                # coalescing off every token is a frame of its own.
+                chat = (await http.get("/modes/chat", headers=headers)).json()
+                mode = {k: chat[k] for k in MODE_FIELDS if k in chat}
+                mode["name"] = "unguarded"
+                mode["guardrails"] = {"rules": dict.fromkeys(POLICY_RULES, "allow")}
+                created = await http.post("/modes", json=mode, headers=headers)
+                created.raise_for_status()
+                body["mode"] = "unguarded"
+
             async def new_session(title: str) -> str:
-                resp = await http.post("/chat/sessions", json={"title": title}, headers=headers)
+                resp = await http.post(
+                    "/chat/sessions", json={"title": title, **body}, headers=headers
+                )
                 resp.raise_for_status()
                 return str(resp.json()["id"])
 
@@ -666,11 +690,19 @@ class Config:
     mode: str  # "independent" | "fanout"
     coalesce_ms: float = 0.0
     client: str = "lean"  # "lean" | "websockets"
+    unguarded: bool = False  # sessions in a team mode with every guardrail rule off
 
 
 CONFIGS = {
     "bare": Config("bare Starlette endpoint", "bare", "independent"),
     "hub-off": Config("hub, coalescing off, 50 sessions", "hub", "independent", 0),
+    "hub-off-unguarded": Config(
+        "hub, coalescing off, 50 sessions, guardrail rules off",
+        "hub",
+        "independent",
+        0,
+        unguarded=True,
+    ),
     "hub-off-fanout": Config("hub, coalescing off, fan-out (1 session)", "hub", "fanout", 0),
     "hub-on": Config("hub, coalescing 30 ms, 50 sessions", "hub", "independent", 30),
     "hub-on-fanout": Config("hub, coalescing 30 ms, fan-out (1 session)", "hub", "fanout", 30),
@@ -751,6 +783,8 @@ def run_once(
             ]  # fmt: skip
             if api_key:
                 client_cmd += ["--api-key", api_key]
+            if cfg.unguarded:
+                client_cmd.append("--unguarded")
             if profile_to is not None:  # sample the timed round only
                 client_cmd += ["--ready-file", str(d / "ready"), "--go-file", str(d / "go")]
             with open(d / "client.out", "wb") as out, open(d / "client.err", "wb") as err:
@@ -1201,6 +1235,7 @@ def main(argv: list[str] | None = None) -> int:
     client.add_argument("--go-file", default="", help="the timed round waits for this file")
     client.add_argument("--api-key", default="")
     client.add_argument("--mode", choices=["independent", "fanout"], default="independent")
+    client.add_argument("--unguarded", action="store_true")
     client.add_argument("--sockets", type=int, default=50)
     client.add_argument("--warmup-sockets", type=int, default=2)
     client.add_argument("--timeout", type=float, default=RUN_TIMEOUT_S)
