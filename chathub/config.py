@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     # json: a JSON object per line; text; auto: text on a terminal, else JSON.
     log_format: Literal["auto", "json", "text"] = "auto"
+    # The interactive API documentation (/docs, /redoc) and the OpenAPI
+    # schema (/openapi.json), served without credentials.
+    api_docs: bool = True
 
     # WebSocket transport
     allowed_origins: list[str] = Field(default_factory=list)

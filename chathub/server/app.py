@@ -220,6 +220,7 @@ def create_app(
         version=__version__,
         summary="Streaming, real-time chat backend for LLM conversations",
         lifespan=lifespan,
+        **({} if settings.api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}),
     )
     problems.install(app)
 

@@ -158,3 +158,18 @@ async def test_openapi_says_what_errors_look_like_and_how_to_authenticate(
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     send = spec["paths"]["/chat/sessions/{session_id}/messages"]["post"]["responses"]
     assert {"201", "413", "429"} <= set(send)
+
+
+async def test_the_api_documentation_can_be_turned_off(tmp_path: Path) -> None:
+    """Served by default, without credentials; CHATHUB_API_DOCS=false leaves
+    the documentation and the schema out, and nothing else."""
+    async with server_on("sqlite", tmp_path / "on") as srv, http_client(srv) as client:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert (await client.get(path)).status_code == 200, path
+    async with (
+        server_on("sqlite", tmp_path / "off", api_docs=False) as srv,
+        http_client(srv) as client,
+    ):
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert (await client.get(path)).status_code == 404, path
+        assert (await client.get("/healthz")).status_code == 200
