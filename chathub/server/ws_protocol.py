@@ -264,9 +264,50 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             self.response = None  # type: ignore[assignment]
 
 
+HEAD_TIMEOUT_S = 30.0
+"""How long a request's head (request line and headers) may take to arrive,
+from the connection (or the end of the previous response) on: uvicorn has
+no such limit, and a client sending a header line now and then would hold
+its connection for ever."""
+
+
 class ClosingHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, which also ends the app's live replies
-    when the server stops while this connection's response still streams."""
+    when the server stops while this connection's response still streams,
+    and closes a connection whose request head takes longer than
+    :data:`HEAD_TIMEOUT_S`."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_too_slow)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()  # no request under way: nothing to answer
 
     def shutdown(self) -> None:
         cycle = self.cycle

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,8 +11,9 @@ import websockets
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 
+from chathub.server import ws_protocol
 from chathub.server.ws_protocol import SEND_NOW, Flag, Inbox, text_frame, ws_protocol_class
-from tests.harness import serve
+from tests.harness import serve, server_on
 
 
 def test_serves_with_the_lean_subclass_of_uvicorns_sansio_protocol() -> None:
@@ -124,3 +126,37 @@ def test_a_text_frame_is_framed_as_websockets_frames_it(size: int) -> None:
     text = ("añb" * size)[:size]  # multi-byte characters: the length is in bytes
     expected = Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[])
     assert text_frame(text) == expected
+
+
+async def test_a_request_head_that_takes_too_long_closes_its_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that connects and sends nothing, or a header line now and
+    then, loses its connection once the head's time is up; a request whose
+    head is complete in time is served, and so is the next one on the same
+    connection."""
+    monkeypatch.setattr(ws_protocol, "HEAD_TIMEOUT_S", 0.5, raising=False)
+    async with server_on("sqlite", tmp_path) as srv:
+        silent = await asyncio.open_connection("127.0.0.1", srv.port)
+        slow = await asyncio.open_connection("127.0.0.1", srv.port)
+        slow[1].write(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+        await slow[1].drain()
+        try:
+            for reader, _ in (silent, slow):
+                async with asyncio.timeout(10):  # closed after 0.5 s, or never
+                    assert await reader.read() == b""
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            try:
+                for pause in (0.0, 0.8):  # the second head comes after a first's time
+                    await asyncio.sleep(pause)
+                    writer.write(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+                    async with asyncio.timeout(10):
+                        head = await reader.readuntil(b"\r\n\r\n")
+                        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                        await reader.readexactly(length)
+                    assert head.startswith(b"HTTP/1.1 200"), head
+            finally:
+                writer.close()
+        finally:
+            for _, writer in (silent, slow):
+                writer.close()
