@@ -774,7 +774,7 @@ class ReferenceFilter:
 
     def try_commit(self) -> None:
         text, p = self.text, self.pos
-        if len(text) - p < 6 or p < self.hidden or not re.search(r"[@\-_:=]", text[p:]):
+        if len(text) - p < 6 or p < self.hidden or not re.search(r"[@\-_:=.]", text[p:]):
             return
         for det in self.dets:
             hit = det.match_at(text, p)

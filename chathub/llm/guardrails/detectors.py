@@ -12,14 +12,15 @@ Each :class:`Detector` knows, about its rule:
   including whatever a pattern's look-ahead still has to read;
 - ``commit``: whether a match found at the end of the text is already
   certain, so that more text can only make it longer (e-mails, prefixed
-  keys, private-key blocks): its replacement can then be sent early;
+  keys, JSON Web Tokens, private-key blocks): its replacement can then be
+  sent early;
 - ``extend``: for such a certain match, whether it is still open once more
   text arrives, from the new text and a bounded look-back only, so that a
   long match costs the same per chunk as a short one;
 - ``evidence``: whether an unfinished candidate already shows the rule's
   tell-tale part (the ``@`` of an e-mail, a dozen card digits, a key
-  prefix). Only such a candidate may be redacted early when the hold-back
-  limits run out.
+  prefix such as a JWT's ``eyJ``). Only such a candidate may be redacted
+  early when the hold-back limits run out.
 
 Patterns read at most two characters behind a match and the text the ``tail``
 covers ahead of it; a match that starts before the earliest open tail can
@@ -334,6 +335,19 @@ CARD = Detector(
     evidence=re.compile(f"[0-9](?:{_CARD_SEP}?[0-9]){{11}}"),
     first="[0-9]",
 )
+# Four groups of four digits separated by full stops (4111.1111.1111.1111):
+# its own detector, since a full stop never joins the groups of CARD (where
+# "3.5" or "1.000.000" would become card candidates). Its tail holds nothing
+# the phone tail does not hold already (same start, digits and single full
+# stops, at most 19 characters). Luhn decides, as for CARD.
+CARD_DOTTED = Detector(
+    "card",
+    re.compile(_NUM_START + r"[0-9]{4}(?:\.[0-9]{4}){3}(?![A-Za-z0-9_])"),
+    re.compile(_NUM_START + r"(?=[0-9])(?:[0-9]{4}\.){0,3}[0-9]{0,4}\Z"),
+    validate=card_span,
+    evidence=re.compile(r"[0-9]{4}\.[0-9]{4}\.[0-9]{4}"),
+    first="[0-9]",
+)
 
 _WORD_START = r"(?<![A-Za-z0-9_])"
 IBAN = Detector(
@@ -405,6 +419,55 @@ AWS_KEY = Detector(
     re.compile(r"(?<![A-Za-z0-9])A(?:[KS](?:I(?:A[0-9A-Z]{0,16})?)?)?\Z"),
     evidence=re.compile(r"A[KS]IA[0-9A-Z]{4}"),
     first="A",
+)
+
+# A JSON Web Token: base64url segments joined by dots, the header and the
+# payload each a JSON object (so beginning "eyJ", '{"') of 10+ characters,
+# then the signature and any further segments (none for an unsecured token:
+# the claims are the secret). A dot not followed by a segment character (a
+# full stop) is no part of it. Once the header, its dot and a payload of 10
+# characters have shown, the match is certain: more text only makes it longer
+# (no look-ahead), so it is committed and swallowed however long it grows.
+# The header is at most _JWT_HEADER_MAX characters, so that a candidate that
+# is no match yet stays bounded; a "Bearer " before the token stays visible.
+_JWT_HEADER_MAX = 512
+_JWT_HEADER = _B64 + "{7," + str(_JWT_HEADER_MAX - 3) + "}"
+_JWT_MORE = r"(?:\.[A-Za-z0-9_\-]+)*"
+# the end of a JWT that may still grow: a run of segment characters, or a dot
+# that a segment character must follow
+_JWT_STOP = re.compile(r"[^A-Za-z0-9_\-.]|(?<=\.)\.")
+
+
+def _jwt_extend(text: str, k: int, whole: bool) -> int | None:
+    # reads one character behind k: whether a dot came last
+    m = _JWT_STOP.search(text, k)
+    return None if m is None else m.start()
+
+
+JWT = Detector(
+    "api_key",
+    re.compile(_TOKEN_START + "eyJ" + _JWT_HEADER + r"\.eyJ" + _B64 + "{7,}+" + _JWT_MORE),
+    re.compile(
+        _TOKEN_START
+        + "(?:"
+        + _lit(
+            "eyJ",
+            _B64
+            + "{0,"
+            + str(_JWT_HEADER_MAX - 3)
+            + "}|"
+            + _JWT_HEADER
+            + r"\.(?:"
+            + _lit("eyJ", _B64 + "{0,6}|" + _B64 + "{7,}" + _JWT_MORE + r"\.?")
+            + ")?",
+        )
+        + r")\Z"
+    ),
+    # a key prefix and 8 characters, as for the prefixed keys
+    evidence=re.compile("eyJ" + _B64 + "{8}"),
+    commit=lambda m: True,
+    extend=_jwt_extend,
+    first="e",
 )
 
 _LABELS = sorted(
@@ -535,9 +598,10 @@ BUILTIN: dict[str, tuple[Detector, ...]] = {
         GITHUB_PAT,
         SLACK_TOKEN,
         AWS_KEY,
+        JWT,
         GENERIC_SECRET,
     ),
-    "card": (CARD,),
+    "card": (CARD, CARD_DOTTED),
     "iban": (IBAN,),
     "email": (EMAIL,),
     "phone": (PHONE,),

@@ -22,7 +22,8 @@ Guarantees
    candidate. If it already shows *evidence* of a rule (an e-mail's ``@``
    and one domain character, 12 card digits, 10 phone digits or 7 after a
    ``+``, an IBAN's country, check digits and 8 more, a key prefix and 4-8
-   body characters, ``label=`` and 8 value characters, ``-----BEGIN``), it is
+   body characters (a JWT's ``eyJ`` and 8), ``label=`` and 8 value
+   characters, ``-----BEGIN``), it is
    **redacted conservatively**: the rule's replacement is sent at once and
    the candidate swallowed until it is complete. If it turns out a real
    match, the output is the same as in 1.; if not (a Luhn-invalid number,
@@ -38,13 +39,16 @@ Guarantees
    Open candidates are short in practice: the longest possible are an
    e-mail before its domain shows a top-level domain (132 characters), a
    generic ``label: value`` (53), an IBAN (65), a phone number (49), a
-   card number (38). A match that is certain before it ends (an e-mail, a
-   prefixed API key, a generic secret of 32+ characters, a private-key
-   block) is *committed*: its replacement is sent as soon as it is certain
-   and the rest swallowed as it arrives, so it holds nothing visible however
-   long it grows. Hence with ``holdback_chars`` >= 132 only ``holdback_ms``
-   can force an early redaction, and with ``holdback_ms=math.inf`` as well,
-   1. always holds.
+   card number (38); and a JSON Web Token before its payload shows 10
+   characters, which is its header (at most 512 characters, and evidence
+   from its 11th on), a dot and 9 more. A match that is certain before it
+   ends (an e-mail, a prefixed API key, a JWT once its header, a dot and 10
+   payload characters show, a generic secret of 32+ characters, a
+   private-key block) is *committed*: its replacement is sent as soon as it
+   is certain and the rest swallowed as it arrives, so it holds nothing
+   visible however long it grows. Hence with ``holdback_chars`` >= 132 only
+   ``holdback_ms`` can force an early redaction (a JWT header longer than
+   that aside), and with ``holdback_ms=math.inf`` as well, 1. always holds.
 4. **Sentences.** No pattern spans the end of a sentence (``.``, ``!`` or
    ``?`` then a space), so no text is held across one (a private-key block,
    which is swallowed anyway, and a blocked phrase containing such
@@ -67,7 +71,7 @@ detector puts that start condition in front of its own regexes (see
 what asking every detector at every position would.
 
 A committed candidate that is a certain match (an e-mail, a prefixed key, a
-generic secret of 32+ characters, a private-key block) is kept out of the
+JWT, a generic secret of 32+ characters, a private-key block) is kept out of the
 text the filter looks at while it grows: each chunk of it is checked on its
 own, with a look-back of at most ``EXTEND_CONTEXT`` characters (see
 ``Detector.extend``), so a chunk costs the same however long the match
@@ -91,8 +95,8 @@ _CONTEXT = 8
 _COMMIT_MIN = 6
 #: Not part of a forced replacement when they end the candidate.
 _TRAILING = frozenset(" \t\n.,;:!?-()'\"")
-#: Every committable match contains one of these.
-_COMMIT_HINT = re.compile(r"[@\-_:=]")
+#: Every committable match contains one of these (a JWT: its dots).
+_COMMIT_HINT = re.compile(r"[@\-_:=.]")
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
 
@@ -368,7 +372,7 @@ class HoldbackFilter:
                     self._force_early()
                 elif self._timed:
                     absolute = self._offset + start
-                    if self._since_abs < 0:
+                    if self._since_abs != absolute:  # (the held text may start later now)
                         self._since = self._arrival(absolute)
                         self._since_abs = absolute
                     if not (now - self._since) * 1000.0 < self.holdback_ms:
