@@ -909,6 +909,26 @@ def compare_with_reference(
     assert fast.blocked == slow.blocked
 
 
+def compare_exactly(text: str, sizes: Sequence[int], policy: Policy) -> None:
+    """With no limit in reach: call by call as the reference, and all of it
+    together equal to the whole-text filter."""
+    compare_with_reference(text, sizes, policy, holdback_chars=10**9)
+    assert stream(text, sizes, policy, holdback_chars=10**9)[0] == redact_all(text, policy)
+
+
+def compare_long_match(text: str, sizes: Sequence[int]) -> None:
+    """A text whose match grows long, as the reference gives it: under every
+    reference policy; with limits that force early replacements, which
+    become certain matches later; and cut short."""
+    for policy in REFERENCE_POLICIES:
+        compare_with_reference(text, sizes, policy)
+    compare_with_reference(text, sizes, DEFAULT, holdback_chars=1)
+    compare_with_reference(
+        text, sizes, DEFAULT, holdback_chars=16, holdback_ms=30.0, gaps=(0.02,), polls=(True,)
+    )
+    compare_with_reference(text, sizes, DEFAULT, complete=False)
+
+
 @PROPERTY
 @given(
     text=reference_texts,
