@@ -13,8 +13,16 @@ Query parameters (all optional; an unknown one is a :class:`ConfigError`):
     Characters per :class:`TextDelta` (default 4).
 ``rate``
     Chunks per second (default 0: as fast as possible, still yielding to the
-    event loop between chunks). Chunk *i* is due ``i / rate`` seconds after the
-    first, so a slow consumer does not make the stream slower than scheduled.
+    event loop between bursts, see ``burst``). Chunk *i* is due ``i / rate``
+    seconds after the first, so a slow consumer does not make the stream
+    slower than scheduled.
+``burst``
+    At ``rate=0``, the chunks handed over per turn of the event loop (default
+    1: the stream yields before every chunk). A model's API that streams
+    faster than the server reads hands over many events per network read,
+    and the SDKs yield them one after the other without giving the loop a
+    turn (hundreds per read at full speed on loopback); ``burst`` models
+    that. Ignored when ``rate`` paces the chunks.
 ``fail_before``
     ``overloaded``, ``rate_limited``, ``timeout``, ``connection`` or
     ``rejected``: raise that :class:`ProviderError` before the first chunk.
@@ -73,7 +81,7 @@ FAILURES: dict[str, Callable[[], ProviderError]] = {
 """The names ``fail_before`` accepts, and the error each one raises."""
 
 CHARS_PER_TOKEN = 4
-_PARAMS = {"text", "chunk", "rate", "fail_before", "fail_after", "fail_times", "json"}
+_PARAMS = {"text", "chunk", "rate", "burst", "fail_before", "fail_after", "fail_times", "json"}
 
 
 class ScriptedProvider:
@@ -93,6 +101,7 @@ class ScriptedProvider:
         text: str | None = None,
         chunk: int = 4,
         rate: float = 0.0,
+        burst: int = 1,
         fail_before: str | None = None,
         fail_after: int | None = None,
         fail_times: int | None = None,
@@ -102,6 +111,8 @@ class ScriptedProvider:
             raise ConfigError(f"scripted://: chunk must be at least 1, got {chunk}")
         if rate < 0:
             raise ConfigError(f"scripted://: rate must not be negative, got {rate}")
+        if burst < 1:
+            raise ConfigError(f"scripted://: burst must be at least 1, got {burst}")
         if fail_before is not None and fail_before not in FAILURES:
             raise ConfigError(
                 f"scripted://: fail_before={fail_before!r} is not one of {', '.join(FAILURES)}"
@@ -113,6 +124,7 @@ class ScriptedProvider:
         self.text = text
         self.chunk = chunk
         self.rate = rate
+        self.burst = burst
         self.fail_before = fail_before
         self.fail_after = fail_after
         self.fail_times = fail_times
@@ -157,10 +169,12 @@ class ScriptedProvider:
 
         chunk = number("chunk", int)
         rate = number("rate", float)
+        burst = number("burst", int)
         return cls(
             text=last("text"),
             chunk=4 if chunk is None else chunk,
             rate=0.0 if rate is None else rate,
+            burst=1 if burst is None else burst,
             fail_before=last("fail_before") or None,
             fail_after=number("fail_after", int),
             fail_times=number("fail_times", int),
@@ -200,7 +214,7 @@ class ScriptedProvider:
                 raise self._fail("overloaded")
             if self.rate > 0:
                 await asyncio.sleep(max(0.0, started + index / self.rate - loop.time()))
-            else:
+            elif index % self.burst == 0:
                 # Even at full speed a stream must not starve the loop's other tasks.
                 await asyncio.sleep(0)
             piece = reply[start : start + self.chunk]

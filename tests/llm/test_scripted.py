@@ -112,6 +112,29 @@ async def test_full_speed_still_yields_to_the_event_loop() -> None:
     assert ticks >= 40  # the other task ran between the chunks
 
 
+async def test_burst_hands_over_that_many_chunks_per_turn_of_the_loop() -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    seen = []  # the other task's count as each chunk arrives
+    provider = scripted("scripted://?chunk=1&burst=10&text=" + "x" * 45)
+    async for event in provider.stream(ask()):
+        if isinstance(event, TextDelta):
+            seen.append(ticks)
+    task.cancel()
+    runs = [seen[i : i + 10] for i in range(0, 45, 10)]
+    assert [len(set(run)) for run in runs] == [1, 1, 1, 1, 1]  # no turn within a burst
+    firsts = [run[0] for run in runs]
+    assert firsts == sorted(set(firsts))  # the loop turned between bursts
+
+
 @pytest.mark.parametrize(
     ("kind", "error", "retryable"),
     [
@@ -202,6 +225,8 @@ async def test_count_tokens_and_structured() -> None:
         "scripted://?chunk=0",
         "scripted://?chunk=two",
         "scripted://?rate=-1",
+        "scripted://?burst=0",
+        "scripted://?burst=many",
         "scripted://?fail_before=exploded",
         "scripted://?json=%5B1%5D",
     ],
