@@ -29,6 +29,7 @@ from chathub.llm.guardrails.detectors import _LABELS, Detector, Hit, scan
 
 DEFAULT = Policy.default()
 BLOCKING = Policy.from_dict({"blocklist": ["forbidden fruit", "make a bomb"]})
+ALL_OFF = Policy.from_dict({"rules": {rule: "allow" for rule in DEFAULT.rules}})
 
 
 def rules_in(text: str) -> list[tuple[str, str]]:
@@ -446,6 +447,17 @@ def test_safe_text_is_released_at_once_and_only_the_word_in_progress_waits() -> 
     assert f.flush(0.3).text == "surely"
 
 
+def test_a_policy_with_every_rule_off_releases_each_chunk_as_it_comes() -> None:
+    f = HoldbackFilter(ALL_OFF, holdback_ms=250)
+    for i, chunk in enumerate(["Mail ana@", "example.com", ", card 4111 1111 1111 1111", ""]):
+        out = f.feed(chunk, i * 0.1)
+        assert (out.text, out.actions, out.blocked) == (chunk, (), False)
+        assert f.held == 0 and f.deadline is None
+    assert f.flush(1.0) == FilterOutput()
+    with pytest.raises(RuntimeError):
+        f.feed("more", 1.1)
+
+
 def test_a_sentence_end_releases_everything() -> None:
     f = HoldbackFilter(DEFAULT)
     assert f.feed("It works. ", 0.0).text == "It works. "
@@ -580,7 +592,12 @@ texts = st.lists(
 chunk_sizes = st.lists(
     st.one_of(st.sampled_from([1, 3]), st.integers(1, 12)), min_size=1, max_size=8
 )
-POLICIES = [DEFAULT, BLOCKING, Policy.from_dict({"rules": {"card": "block", "email": "allow"}})]
+POLICIES = [
+    DEFAULT,
+    BLOCKING,
+    Policy.from_dict({"rules": {"card": "block", "email": "allow"}}),
+    ALL_OFF,
+]
 PROPERTY = settings(
     max_examples=200,
     derandomize=True,

@@ -259,6 +259,9 @@ class HoldbackFilter:
         self.holdback_ms = holdback_ms
         self._timed = holdback_ms != math.inf
         self._dets = policy.detectors
+        # A policy that looks for nothing (every rule off, no blocklist) holds
+        # nothing: each chunk is released as it comes.
+        self._passthrough = not self._dets
         self._tables = tables = _tables(self._dets)
         self._probe = tables.probe
         self._starting = tables.starting
@@ -327,6 +330,14 @@ class HoldbackFilter:
             raise RuntimeError("feed after flush")
         if self._blocked:
             return FilterOutput(blocked=True)
+        if self._passthrough:
+            if not chunk:
+                return _NOTHING
+            passed: FilterOutput = _new(FilterOutput)
+            _set_text(passed, chunk)
+            _set_actions(passed, ())
+            _set_blocked(passed, False)
+            return passed
         if self._swallowed is not None:
             if chunk:
                 self._swallow(chunk, now)
