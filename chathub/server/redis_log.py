@@ -216,7 +216,7 @@ class RedisSessionLog:
         ]
         seq = await self._append_patiently(session_id, type, keys, args, fence, reply_id)
         _remember(self._appended, session_id, seq, self._max_tracked)
-        return Event(session_id, seq, type, (head + str(seq).encode() + tail).decode())
+        return Event.of(session_id, seq, type, (head + str(seq).encode() + tail).decode())
 
     async def _append_patiently(
         self,

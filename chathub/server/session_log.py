@@ -68,12 +68,30 @@ class Event:
     @classmethod
     def build(cls, session_id: str, seq: int, type: str, data: dict[str, Any]) -> Event:
         body = {"type": type, "session_id": session_id, "seq": seq, **data}
-        return cls(session_id, seq, type, orjson.dumps(body).decode())
+        return cls.of(session_id, seq, type, orjson.dumps(body).decode())
+
+    @classmethod
+    def of(cls, session_id: str, seq: int, type: str, frame: str) -> Event:
+        """``Event(session_id, seq, type, frame)`` for the per-token path:
+        the frozen dataclass's own ``__init__`` sets each field through
+        ``object.__setattr__``, a third of what building an event costs."""
+        event: Event = _new(cls)
+        _set_session_id(event, session_id)
+        _set_seq(event, seq)
+        _set_type(event, type)
+        _set_frame(event, frame)
+        return event
 
     def data(self) -> dict[str, Any]:
         decoded: dict[str, Any] = orjson.loads(self.frame)
         return decoded
 
+
+_new = object.__new__
+_set_session_id = Event.__dict__["session_id"].__set__
+_set_seq = Event.__dict__["seq"].__set__
+_set_type = Event.__dict__["type"].__set__
+_set_frame = Event.__dict__["frame"].__set__
 
 Listener = Callable[[Event], None]
 
