@@ -156,7 +156,45 @@ async def _reply(provider: Any, log: Any, n: int, coalesce_s: float | None, text
         raise AssertionError("the pipeline changed the text")
 
 
-async def _measure(url: str, tokens: int, coalesce_s: float | None, rounds: int) -> list[float]:
+async def _tokens_per_turn(provider: Any, text: str) -> list[int]:
+    """One more round of the providers alone, untimed: for each reply, how
+    many tokens its stream handed over in each turn of the event loop that
+    gave it any (a stream yields to the loop only when it waits)."""
+    from chathub.llm.base import ChatTurn, CompletionRequest, TextDelta
+
+    loop = asyncio.get_running_loop()
+    turn, ticking = 0, True
+
+    def tick() -> None:  # runs once per turn of the loop
+        nonlocal turn
+        turn += 1
+        if ticking:
+            loop.call_soon(tick)
+
+    async def reply(runs: list[int]) -> None:
+        request = CompletionRequest(turns=[ChatTurn("user", "hi")], max_tokens=len(text))
+        last, run = -1, 0
+        async for event in provider.stream(request):
+            if isinstance(event, TextDelta):
+                if turn != last:
+                    if run:
+                        runs.append(run)
+                    last, run = turn, 0
+                run += 1
+        runs.append(run)
+
+    runs: list[int] = []
+    loop.call_soon(tick)
+    try:
+        await asyncio.gather(*(reply(runs) for _ in range(REPLIES)))
+    finally:
+        ticking = False
+    return runs
+
+
+async def _measure(
+    url: str, tokens: int, coalesce_s: float | None, rounds: int
+) -> tuple[list[float], list[int]]:
     from chathub.llm.factory import create_provider
     from chathub.server.session_log import MemorySessionLog
 
@@ -175,7 +213,8 @@ async def _measure(url: str, tokens: int, coalesce_s: float | None, rounds: int)
                 *(_reply(provider, log, n, coalesce_s, text) for n in range(REPLIES))
             )
             per_token.append((time.process_time() - started) / (REPLIES * tokens) * 1e6)
-        return per_token
+        per_turn = await _tokens_per_turn(provider, text) if coalesce_s is None else []
+        return per_token, per_turn
     finally:
         close = getattr(provider, "aclose", None)
         if close is not None:
@@ -191,7 +230,8 @@ def measure_command(args: argparse.Namespace) -> int:
 
     # which chathub ran: the work tree or the baseline's export
     print(f"chathub from {Path(chathub.__file__).parent}", file=sys.stderr)
-    print(json.dumps(uvloop.run(_measure(args.url, args.tokens, MODES[args.mode], args.rounds))))
+    per_token, per_turn = uvloop.run(_measure(args.url, args.tokens, MODES[args.mode], args.rounds))
+    print(json.dumps({"per_token": per_token, "per_turn": per_turn}))
     return 0
 
 
@@ -223,7 +263,7 @@ def _url(case: Case, wires: dict[bool, dict[str, str]]) -> str:
     return f"{case.provider}://{model}?base_url={base}"
 
 
-def _run(case: Case, mode: str, url: str, src: str | None) -> list[float]:
+def _run(case: Case, mode: str, url: str, src: str | None) -> tuple[list[float], list[int]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATHUB_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, str(REPO), env.get("PYTHONPATH")]))
     done = subprocess.run(
@@ -233,8 +273,8 @@ def _run(case: Case, mode: str, url: str, src: str | None) -> list[float]:
     )  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"{case.name} {mode} failed:\n{done.stderr.decode()[-3000:]}")
-    result: list[float] = json.loads(done.stdout.decode().strip().splitlines()[-1])
-    return result
+    result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return result["per_token"], result["per_turn"]
 
 
 def _versions() -> str:
@@ -252,6 +292,7 @@ def _versions() -> str:
 
 def report(
     results: dict[tuple[str, str, str], list[float]],
+    turns: dict[tuple[str, str], list[int]],
     cases: list[Case],
     codes: dict[str, str],
     command: str,
@@ -278,6 +319,26 @@ def report(
                 each = " · ".join(f"{r:.1f}" for r in rounds)
                 cells.append(f"**{statistics.median(rounds):.2f}** ({each})")
             lines.append(f"| {case.name} | {case.tokens} | {mode} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Tokens each reply's stream handed over per turn of the event loop (a turn that gave it "
+        "any), the provider alone, one more untimed round of the 50 replies: mean, median and "
+        "largest.",
+        "",
+        "| case | " + " | ".join(codes.values()) + " |",
+        "| --- | " + " | ".join("---" for _ in codes) + " |",
+    ]
+    for case in cases:
+        cells = []
+        for code in codes:
+            runs = turns.get((case.name, code))
+            cells.append(
+                f"{statistics.mean(runs):.1f} · {statistics.median(runs):g} · {max(runs)}"
+                if runs
+                else ""
+            )
+        if any(cells):
+            lines.append(f"| {case.name} | " + " | ".join(cells) + " |")
     head = _git("rev-parse", "--short", "HEAD") or "unknown"
     lines += [
         "",
@@ -310,6 +371,7 @@ def bench_command(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     cases = [c for c in CASES if c.name in args.cases] if args.cases else CASES
     results: dict[tuple[str, str, str], list[float]] = {}
+    turns: dict[tuple[str, str], list[int]] = {}
     wires: dict[bool, dict[str, str]] = {}
     procs = []
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-src-") as src_dir:
@@ -326,8 +388,10 @@ def bench_command(args: argparse.Namespace) -> int:
                 url = _url(case, wires)
                 for mode in case.modes:
                     for code in codes:
-                        rounds = _run(case, mode, url, sources[code])
+                        rounds, per_turn = _run(case, mode, url, sources[code])
                         results[(case.name, mode, code)] = rounds
+                        if per_turn:
+                            turns[(case.name, code)] = per_turn
                         print(
                             f"{case.name:16s} {mode:17s} {codes[code]}: "
                             f"{statistics.median(rounds):7.2f} µs/token",
@@ -337,7 +401,8 @@ def bench_command(args: argparse.Namespace) -> int:
             for proc in procs:
                 _kill(proc, grace=2)
             _kill_all()
-    text = report(results, cases, codes, "python bench/pipeline_bench.py " + " ".join(sys.argv[1:]))
+    command = "python bench/pipeline_bench.py " + " ".join(sys.argv[1:])
+    text = report(results, turns, cases, codes, command)
     print(text)
     if args.output:
         Path(args.output).write_text(text)
