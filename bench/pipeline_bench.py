@@ -290,6 +290,13 @@ def _versions() -> str:
     return ", ".join(found)
 
 
+def _turns_cell(runs: list[int]) -> str:
+    total = sum(runs)
+    seen = sum(r * r for r in runs) / total
+    bursts = sum(r for r in runs if r >= 16) / total
+    return f"{statistics.mean(runs):.1f} · {seen:.1f} · {bursts:.0%}"
+
+
 def report(
     results: dict[tuple[str, str, str], list[float]],
     turns: dict[tuple[str, str], list[int]],
@@ -321,9 +328,12 @@ def report(
             lines.append(f"| {case.name} | {case.tokens} | {mode} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Tokens each reply's stream handed over per turn of the event loop (a turn that gave it "
-        "any), the provider alone, one more untimed round of the 50 replies: mean, median and "
-        "largest.",
+        "Tokens each reply's stream handed over per turn of the event loop, the provider "
+        "alone, in one more untimed round of the 50 replies: the mean over the turns that gave "
+        "a reply any; the mean as a token sees it (how many tokens came in its turn, "
+        "averaged over the tokens); the share of tokens that came 16 or more to a turn "
+        "(`hub_bench.py`'s default `--burst`). Timing decides it (whether the API got ahead "
+        "of the reader), so it moves from run to run.",
         "",
         "| case | " + " | ".join(codes.values()) + " |",
         "| --- | " + " | ".join("---" for _ in codes) + " |",
@@ -332,11 +342,7 @@ def report(
         cells = []
         for code in codes:
             runs = turns.get((case.name, code))
-            cells.append(
-                f"{statistics.mean(runs):.1f} · {statistics.median(runs):g} · {max(runs)}"
-                if runs
-                else ""
-            )
+            cells.append(_turns_cell(runs) if runs else "")
         if any(cells):
             lines.append(f"| {case.name} | " + " | ".join(cells) + " |")
     head = _git("rev-parse", "--short", "HEAD") or "unknown"
