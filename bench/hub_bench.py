@@ -1074,8 +1074,8 @@ def _off_target(key: str, m: dict[str, float], bare: dict[str, float]) -> str:
     ratio = got / bare["fps"]
     line = (
         f"- hub {what} >= 60 % of bare frames/s ({label}): {_fmt_k(got)} / "
-        f"{_fmt_k(bare['fps'])} = {ratio:.0%} -> **{'met' if ratio >= 0.6 else 'NOT met'}** "
-        f"(per server CPU-s: {got_cpu / bare['fps_cpu']:.0%})"
+        f"{_fmt_k(bare['fps'])} = {ratio:.1%} -> **{'met' if ratio >= 0.6 else 'NOT met'}** "
+        f"(per server CPU-s: {got_cpu / bare['fps_cpu']:.1%})"
     )
     if merged:
         line += (
