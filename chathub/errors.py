@@ -78,6 +78,13 @@ class MethodNotAllowed(BadRequest):
         return {"Allow": self.allow}
 
 
+class BodyTimeout(BadRequest):
+    """408 ``bad_request``: the request body did not arrive in time."""
+
+    status = 408
+    title = "Request timeout"
+
+
 class UnsupportedMediaType(BadRequest):
     status = 415
     title = "Unsupported media type"

@@ -33,20 +33,13 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chathub.client_json import find_problem
-from chathub.errors import BadRequest, TooLarge
+from chathub.errors import BadRequest, BodyTimeout, TooLarge
 from chathub.server.limits import refuse, too_large
 from chathub.server.problems import problem_response
 
 JSON_BODY_TIMEOUT_S = 30.0
 """How long a JSON body may take to arrive, from the request's headers to
 its last byte (at the default 1 MiB limit, 35 KB/s at the least)."""
-
-
-class BodyTimeout(BadRequest):
-    """408 ``bad_request``: the body did not arrive in time."""
-
-    status = 408
-    title = "Request timeout"
 
 
 class InputChecks:

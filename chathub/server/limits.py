@@ -1,5 +1,6 @@
 """Request body limits, enforced while the body streams in (a pure ASGI
-middleware, so an oversize upload is refused without being buffered)."""
+middleware, so an oversize upload is refused without being buffered): its
+size, and how long it may pause between two pieces."""
 
 from __future__ import annotations
 
@@ -12,11 +13,29 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chathub.errors import ChathubError, TooLarge
+from chathub.errors import BodyTimeout, ChathubError, TooLarge
 
 MULTIPART_OVERHEAD = 64 * 1024
 DISCARD_BYTES = 1024 * 1024
 """How much of a body declared past its limit is still read (and dropped)."""
+BODY_IDLE_TIMEOUT_S = 30.0
+"""How long the next piece of a request body may take to come, as nginx's
+``client_body_timeout``: an upload that stalls longer is answered 408 (it
+would hold its task, and its part of a file, for as long as the client
+likes). The whole body has no deadline: a large upload on a slow line goes
+on as long as it keeps moving."""
+
+
+class BodyStalled(HTTPException):
+    """Raised from ``receive`` when the body paused past
+    :data:`BODY_IDLE_TIMEOUT_S` (an HTTPException, as :class:`BodyTooLarge`)."""
+
+    def __init__(self) -> None:
+        super().__init__(408, stalled_message())
+
+
+def stalled_message() -> str:
+    return f"the request body stalled for more than {BODY_IDLE_TIMEOUT_S:g} s"
 
 
 class BodyTooLarge(HTTPException):
@@ -28,7 +47,8 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimit:
-    """Answers 413 ``too_large`` when a body exceeds the limit for its path."""
+    """Answers 413 ``too_large`` when a body exceeds the limit for its path,
+    408 when it stalls (see :data:`BODY_IDLE_TIMEOUT_S`)."""
 
     def __init__(self, app: ASGIApp, *, limit_for: Callable[[str], int]) -> None:
         self.app = app
@@ -49,15 +69,23 @@ class BodyLimit:
                     await refuse(send, receive, too_large(limit), drain=DISCARD_BYTES)
                     return
         received = 0
+        body_done = False
         response_started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # now only a disconnect can come, whenever it does
+                return await receive()
+            try:
+                async with asyncio.timeout(BODY_IDLE_TIMEOUT_S):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyStalled() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -71,6 +99,9 @@ class BodyLimit:
         except BodyTooLarge:
             if not response_started:
                 await refuse(send, receive, too_large(limit), drain=0)
+        except BodyStalled:
+            if not response_started:
+                await refuse(send, receive, BodyTimeout(stalled_message()), drain=0)
 
 
 DISCARD_WITHIN_S = 30.0

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from chathub.errors import (
     BadRequest,
+    BodyTimeout,
     ChathubError,
     Forbidden,
     MethodNotAllowed,
@@ -34,6 +35,7 @@ _BY_STATUS: dict[int, type[ChathubError]] = {
     401: Unauthorized,
     403: Forbidden,
     404: NotFound,
+    408: BodyTimeout,
     413: TooLarge,
     415: UnsupportedMediaType,
     422: BadRequest,

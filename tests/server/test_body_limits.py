@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from chathub.server import input_checks
+from chathub.server import input_checks, limits
 from tests.harness import RunningServer, make_team, server_on
 
 pytestmark = pytest.mark.timeout(60)
@@ -173,3 +173,105 @@ async def test_a_refused_json_upload_is_read_to_its_end_not_reset(srv: RunningSe
     finally:
         await close(writer)
     assert status == 413 and answer["code"] == "too_large", answer
+
+
+def multipart_head(boundary: str) -> bytes:
+    return (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.bin"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+
+
+async def test_an_upload_that_stalls_is_answered_408_and_stores_nothing(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "BODY_IDLE_TIMEOUT_S", 0.5, raising=False)
+    team = await make_team(srv.state, "Stalled")
+    boundary = "stalled-upload"
+    reader, writer = await open_request(
+        srv,
+        "/files",
+        {
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Content-Length": str(1024 * 1024),
+            "Authorization": team.owner.headers["Authorization"],
+        },
+        multipart_head(boundary) + b"x" * 64 * 1024,
+    )
+    try:
+        status, headers, body = await read_answer(reader)
+        assert await reader.read() == b""  # and the connection is closed
+    finally:
+        await close(writer)
+    assert status == 408, body
+    assert headers["content-type"] == "application/problem+json"
+    assert body["code"] == "bad_request" and "stalled" in body["detail"], body
+    async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
+        listed = await http.get("/files", headers=team.owner.headers)
+    assert listed.status_code == 200 and listed.json()["items"] == [], listed.text
+
+
+async def test_a_slow_upload_that_keeps_moving_is_stored(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit is on a pause, not on the whole body: pieces every 0.2 s
+    for 1.6 s, past a 0.5 s limit in all."""
+    monkeypatch.setattr(limits, "BODY_IDLE_TIMEOUT_S", 0.5, raising=False)
+    team = await make_team(srv.state, "Slow")
+    boundary = "slow-upload"
+    pieces = [bytes([i]) * 1024 for i in range(8)]
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    length = len(multipart_head(boundary)) + sum(map(len, pieces)) + len(tail)
+    reader, writer = await open_request(
+        srv,
+        "/files",
+        {
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Content-Length": str(length),
+            "Authorization": team.owner.headers["Authorization"],
+        },
+        multipart_head(boundary),
+    )
+    try:
+        for piece in pieces:
+            await asyncio.sleep(0.2)
+            writer.write(piece)
+            await writer.drain()
+        writer.write(tail)
+        await writer.drain()
+        status, _, body = await read_answer(reader)
+    finally:
+        await close(writer)
+    assert status == 201, body
+    assert body["size"] == 8 * 1024
+
+
+async def test_a_server_sent_event_stream_outlasts_the_body_pause_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the body is in, the server waits for the client's disconnect
+    without a limit: a reply streamed over 1.5 s reaches its end."""
+    monkeypatch.setattr(limits, "BODY_IDLE_TIMEOUT_S", 0.5, raising=False)
+    text = "y" * 30
+    async with server_on(
+        "sqlite", tmp_path, llm=f"scripted://?text={text}&chunk=2&rate=10"
+    ) as slow:
+        team = await make_team(slow.state, "Streams")
+        async with httpx.AsyncClient(base_url=slow.url, timeout=30) as http:
+            r = await http.post("/chat/sessions", json={"title": "t"}, headers=team.owner.headers)
+            sid = r.json()["id"]
+            async with http.stream(
+                "POST",
+                f"/chat/sessions/{sid}/messages",
+                json={"content": "hi"},
+                headers=team.owner.headers | {"Accept": "text/event-stream"},
+            ) as stream:
+                assert stream.status_code == 200
+                events = [
+                    json.loads(line.removeprefix("data: "))
+                    async for line in stream.aiter_lines()
+                    if line.startswith("data: ")
+                ]
+    deltas = "".join(e["text"] for e in events if e["type"] == "reply.delta")
+    assert events[-1]["type"] == "reply.completed", events[-1]
+    assert deltas == text
