@@ -99,9 +99,54 @@ class RunningServer:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     async def stop(self) -> None:
+        """Stop as on SIGTERM; a server not stopped within 15 s fails with
+        what it was still doing (its open connections and the loop's
+        tasks), then is cancelled."""
         self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(self._task, 15)
+        done, _ = await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
+        if done:
+            with contextlib.suppress(asyncio.CancelledError):
+                self._task.result()
+            return
+        stuck = _still_running(self._server)
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(self._task, 5)
+        raise AssertionError(f"the server on port {self.port} did not stop in time:\n{stuck}")
+
+
+STOP_TIMEOUT_S = 15.0
+
+
+def _still_running(server: uvicorn.Server) -> str:
+    """The connections a stopping server still has, and every other task of
+    the loop with where it waits (a report for a stop that hangs)."""
+    state = server.server_state
+    lines = [f"{len(state.connections)} connection(s), {len(state.tasks)} request task(s)"]
+    current = asyncio.current_task()
+    for task in asyncio.all_tasks():
+        if task is current or task.done():
+            continue
+        where = " -> ".join(_awaiting(task.get_coro())[-5:])
+        lines.append(f"- {task.get_name()}: {where}")
+    return "\n".join(lines)
+
+
+def _awaiting(awaitable: Any) -> list[str]:
+    """Where a suspended coroutine waits, outermost first: the chain of
+    coroutines and generators it awaits."""
+    chain = []
+    while awaitable is not None:
+        frame = _first_attr(awaitable, "cr_frame", "gi_frame", "ag_frame")
+        if frame is not None:
+            code = frame.f_code
+            chain.append(f"{code.co_name} ({Path(code.co_filename).name}:{frame.f_lineno})")
+        awaitable = _first_attr(awaitable, "cr_await", "gi_yieldfrom", "ag_await")
+    return chain
+
+
+def _first_attr(obj: Any, *names: str) -> Any:
+    return next((v for name in names if (v := getattr(obj, name, None)) is not None), None)
 
 
 async def serve(app: Any, **config: Any) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
