@@ -22,6 +22,7 @@ class SessionOut(Out):
     created_at: datetime
     updated_at: datetime
     last_seq: int
+    last_message_at: datetime | None = None
 
 
 class MessageOut(Out):

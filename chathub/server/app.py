@@ -131,6 +131,7 @@ def create_app(
         blobs = BlobStore(settings.blob_dir)
         limiter = create_rate_limiter(settings)
         leases = create_leases(settings)
+        session_feed = SessionFeed(bus=bus, hub=hub)
         state = AppState(
             settings=settings,
             engine=engine,
@@ -153,10 +154,11 @@ def create_app(
                 limiter=limiter,
                 leases=leases,
                 named_providers=named_providers,
+                session_feed=session_feed,
             ),
             limiter=limiter,
             dashboards=dashboards,
-            session_feed=SessionFeed(bus=bus, hub=hub),
+            session_feed=session_feed,
             extractor=extractor,
             credentials=SocketCredentials(
                 sessionmaker=sessionmaker, bus=bus, hub=hub, tokens=tokens
@@ -170,6 +172,7 @@ def create_app(
             session_log=session_log,
             leases=leases,
             is_local=state.replies.runs.__contains__,
+            session_feed=session_feed,
         )
         await reaper.start()
         purger = Purger(settings=settings, sessionmaker=sessionmaker)

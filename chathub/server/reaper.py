@@ -20,6 +20,7 @@ from chathub.config import Settings
 from chathub.llm.base import estimate_tokens
 from chathub.server import metrics
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
+from chathub.server.session_feed import SessionFeed
 from chathub.server.session_log import Event, SessionLog
 from chathub.storage.db import backend_unreachable, transaction
 from chathub.storage.models import utcnow
@@ -38,9 +39,11 @@ class ReplyReaper:
         session_log: SessionLog,
         leases: ReplyLeases,
         is_local: Callable[[str], bool],
+        session_feed: SessionFeed | None = None,
     ) -> None:
         """``is_local(reply_id)``: the reply runs on this instance (never reaped)."""
         self.settings = settings
+        self.session_feed = session_feed
         self.sessionmaker = sessionmaker
         self.log = session_log
         self.leases = leases
@@ -145,9 +148,10 @@ class ReplyReaper:
                 stop_reason="error",
                 usage=estimated_usage(asked or "", partial),
             )
-            view = message_view(finished) if finished is not None else None
-        if view is None:
-            return False
+            if finished is None:
+                return False
+            view = message_view(finished)
+            ended_at = finished.completed_at
         event = await self.log.append(
             row.session_id,
             "reply.failed",
@@ -161,7 +165,11 @@ class ReplyReaper:
         )
         metrics.REPLIES.labels(stop_reason="interrupted").inc()
         async with transaction(self.sessionmaker) as db:
-            await repo.set_last_seq(db, session_id=row.session_id, seq=event.seq)
+            await repo.reply_ended(db, session_id=row.session_id, seq=event.seq, at=ended_at)
+        if self.session_feed is not None:
+            await self.session_feed.activity(
+                row.team_id, row.session_id, event.seq, view["completed_at"]
+            )
         log.warning("reply %s ended as interrupted", reply_id)
         return True
 

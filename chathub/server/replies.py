@@ -66,11 +66,13 @@ from chathub.server.extraction import Extractor
 from chathub.server.leases import MemoryReplyLeases, ReplyLeases
 from chathub.server.ratelimit import MemoryRateLimiter, RateLimiter
 from chathub.server.reply_stream import DeltaWriter
+from chathub.server.session_feed import SessionFeed
 from chathub.server.session_log import LogUnavailable, SessionLog, StaleReply
 from chathub.server.summarizer import HISTORY_LIMIT, SessionSummarizer
 from chathub.storage.blobs import BlobStore
 from chathub.storage.db import backend_unreachable, transaction, while_unreachable
 from chathub.storage.models import File as FileRow
+from chathub.storage.models import utcnow
 from chathub.storage.repositories import files as files_repo
 from chathub.storage.repositories import modes as modes_repo
 from chathub.storage.repositories import sessions as repo
@@ -160,8 +162,10 @@ class Replies:
         limiter: RateLimiter | None = None,
         leases: ReplyLeases | None = None,
         named_providers: dict[str, LLMProvider] | None = None,
+        session_feed: SessionFeed | None = None,
     ) -> None:
         self.settings = settings
+        self.session_feed = session_feed
         self.leases: ReplyLeases = leases or MemoryReplyLeases()
         self.instance_id = new_id()
         self.limiter: RateLimiter = limiter or MemoryRateLimiter()
@@ -610,6 +614,7 @@ class Replies:
         )
         try:
             await self._append(run, "message.created", {"message": user_message})
+            message_seq = run.last_seq
             await self._append(
                 run,
                 "reply.started",
@@ -622,6 +627,7 @@ class Replies:
                 },
             )
             run.stream_task = asyncio.create_task(self._generate(run))
+            await self._announce(run, message_seq, user_message["created_at"])
             if run.cancelled:  # cancelled before there was a stream to stop
                 run.stream_task.cancel()
             try:
@@ -737,6 +743,7 @@ class Replies:
             if event.seq > ending_seq:  # something else was appended meanwhile
                 async with transaction(self.sessionmaker) as db:
                     await repo.set_last_seq(db, session_id=run.session_id, seq=event.seq)
+            await self._announce(run, event.seq, view["completed_at"])
         except Exception:
             metrics.REPLY_ENDINGS_LOST.inc()
             log.exception("could not finish reply %s", run.reply_id)
@@ -770,7 +777,7 @@ class Replies:
 
         async def store(again: bool) -> dict[str, Any] | None:
             async with transaction(self.sessionmaker) as db:
-                finished = await repo.finish_reply_message(
+                finished: Any = await repo.finish_reply_message(
                     db,
                     message_id=run.reply_id,
                     content=text,
@@ -779,22 +786,32 @@ class Replies:
                     usage=usage,
                     trace={"steps": _guarded_trace(run)} if run.trace else None,
                 )
-                view = message_view(finished) if finished is not None else None
-                if view is None and again:
+                if finished is None and again:
                     # An earlier try may have committed before its
                     # connection dropped: then that ending is ours.
-                    ours = await repo.finished_as(
+                    finished = await repo.finished_as(
                         db, message_id=run.reply_id, content=text, stop_reason=stop_reason
                     )
-                    view = message_view(ours) if ours is not None else None
-                if view is not None:
-                    await repo.set_last_seq(db, session_id=run.session_id, seq=ending_seq)
-            return view
+                if finished is None:
+                    return None
+                await repo.reply_ended(
+                    db,
+                    session_id=run.session_id,
+                    seq=ending_seq,
+                    at=finished.completed_at or utcnow(),
+                )
+                return message_view(finished)
 
         def retrying(exc: BaseException) -> None:
             log.warning("could not store the end of reply %s yet: %r", run.reply_id, exc)
 
         return await while_unreachable(store, for_s=ENDING_PATIENCE_S, on_retry=retrying)
+
+    async def _announce(self, run: ReplyRun, last_seq: int, at: str) -> None:
+        """Tell the team's session lists that the session moved on (see
+        :meth:`SessionFeed.activity`)."""
+        if self.session_feed is not None:
+            await self.session_feed.activity(run.team_id, run.session_id, last_seq, at)
 
     async def _append(self, run: ReplyRun, type_: str, data: dict[str, Any]) -> None:
         event = await self.log.append(run.session_id, type_, data)

@@ -1,6 +1,6 @@
-"""The team's session list, live: ``session.created``, ``session.updated``
-and ``session.deleted`` pushed to the sockets subscribed to the
-``sessions`` channel, on every instance, through the bus.
+"""The team's session list, live: ``session.created``, ``session.updated``,
+``session.deleted`` and ``session.activity`` pushed to the sockets
+subscribed to the ``sessions`` channel, on every instance, through the bus.
 
 A sidebar subscribes first, then lists the sessions over REST, and applies
 the events that follow.
@@ -47,6 +47,22 @@ class SessionFeed:
         inside the writer's transaction, after the write (see Order)."""
         event = "session.created" if created else "session.updated"
         await self._publish(team_id, {"type": event, "session": session})
+
+    async def activity(self, team_id: str, session_id: str, last_seq: int, at: str) -> None:
+        """A message was stored in the session (at ``at``, its
+        ``created_at``), or a reply there ended (at ``at``, its
+        ``completed_at``, now the session's ``last_message_at``), as the
+        session's event ``last_seq``. Published after the fact: a subscriber
+        keeps the one with the highest ``last_seq``."""
+        await self._publish(
+            team_id,
+            {
+                "type": "session.activity",
+                "session_id": session_id,
+                "last_seq": last_seq,
+                "last_message_at": at,
+            },
+        )
 
     async def deleted(self, team_id: str, session_id: str) -> None:
         """As :meth:`changed`, for a deleted session."""

@@ -194,6 +194,7 @@ async def test_a_reaped_reply_stores_an_estimated_usage_of_its_partial_text(
             session_log=server.state.session_log,
             leases=server.state.replies.leases,
             is_local=lambda _reply_id: False,
+            session_feed=server.state.session_feed,
         )
         asked = "what is the plan for the quarter?"
         async with httpx.AsyncClient(base_url=server.url) as client:
@@ -201,16 +202,25 @@ async def test_a_reaped_reply_stores_an_estimated_usage_of_its_partial_text(
             ws = await WsClient.connect(server.ws_url, owner.api_key)
             try:
                 await ws.request({"type": "join", "session_id": sid})
+                await ws.request({"type": "subscribe", "channel": "sessions"})
                 reply_id = (await send_message(ws, sid, "c1", asked))["reply_id"]
                 for _ in range(5):
                     await ws.until(lambda f: f["type"] == "reply.delta")
                 assert await reaper.end_interrupted(reply_id)
                 end = await ws.first(reply_end(reply_id))
+                activity = await ws.first(
+                    lambda f: f["type"] == "session.activity" and f["last_seq"] == end["seq"]
+                )
                 await ws.request({"type": "reply.cancel", "reply_id": reply_id})
             finally:
                 await ws.close()
             stored = await stored_message(client, owner, sid, reply_id)
+            session = (await client.get(f"/chat/sessions/{sid}", headers=owner.headers)).json()
     assert end["type"] == "reply.failed" and end["code"] == "interrupted", end
+    # The session moved on, as with any reply's end.
+    assert activity["last_message_at"] == end["partial"]["completed_at"]
+    assert session["last_message_at"] == end["partial"]["completed_at"]
+    assert session["last_seq"] >= end["seq"]
     partial = end["partial"]["content"]
     assert partial and SLOW_TEXT.startswith(partial)
     usage = {

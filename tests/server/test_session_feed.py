@@ -157,6 +157,54 @@ async def test_other_channels_are_refused(clean_server: RunningServer, team: Tea
         await ws.close()
 
 
+async def test_messages_and_reply_endings_are_pushed_as_activity(
+    clean_server: RunningServer,
+    client: httpx.AsyncClient,
+    team: TeamFixture,
+    other_team: TeamFixture,
+) -> None:
+    """A message stored and its reply's end each move the session on: a
+    ``session.activity`` with the event's seq and the time, which the
+    session's ``last_message_at`` then holds."""
+    viewer = await team.actor("viewer")
+    headers = team.owner.headers
+    r = await client.post("/chat/sessions", json={"title": "busy"}, headers=headers)
+    created = r.json()
+    sid = created["id"]
+    assert created["last_message_at"] is None
+    ws = await subscribed(clean_server, viewer.api_key)
+    outsider = await subscribed(clean_server, other_team.owner.api_key)
+    try:
+        url = f"/chat/sessions/{sid}/messages"
+        r = await client.post(url, json={"content": "hi"}, headers=headers)
+        assert r.status_code == 201, r.text
+        turn = r.json()
+        frames = await quiet(ws)
+        session = (await client.get(f"/chat/sessions/{sid}", headers=headers)).json()
+        assert frames == [
+            {
+                "type": "session.activity",
+                "session_id": sid,
+                "last_seq": 1,  # message.created
+                "last_message_at": turn["message"]["created_at"],
+            },
+            {
+                "type": "session.activity",
+                "session_id": sid,
+                "last_seq": session["last_seq"],  # reply.completed
+                "last_message_at": turn["reply"]["completed_at"],
+            },
+        ]
+        assert session["last_message_at"] == turn["reply"]["completed_at"]
+        assert session["last_seq"] > 2
+        listed = (await client.get("/chat/sessions", headers=headers)).json()["items"]
+        assert [s["last_message_at"] for s in listed] == [turn["reply"]["completed_at"]]
+        assert await quiet(outsider) == []
+    finally:
+        await ws.close()
+        await outsider.close()
+
+
 @pytest.fixture
 async def two(tmp_path: Path) -> AsyncIterator[list[RunningServer]]:
     async with replicas(tmp_path) as servers:
@@ -211,6 +259,35 @@ async def test_concurrent_renames_on_two_replicas_reach_subscribers_in_commit_or
     finally:
         for ws in sockets:
             await ws.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.timeout(60)
+async def test_activity_on_one_replica_reaches_subscribers_on_the_other(
+    two: list[RunningServer],
+) -> None:
+    a, b = two
+    team = await make_team(a.state, "Chatters")
+    ws = await subscribed(b, team.owner.api_key)
+    try:
+        async with http_client(a) as http_a:
+            r = await http_a.post("/chat/sessions", json={}, headers=team.owner.headers)
+            sid = r.json()["id"]
+            r = await http_a.post(
+                f"/chat/sessions/{sid}/messages", json={"content": "hi"}, headers=team.owner.headers
+            )
+            assert r.status_code == 201, r.text
+            ended_at = r.json()["reply"]["completed_at"]
+            session = (await http_a.get(f"/chat/sessions/{sid}", headers=team.owner.headers)).json()
+        seen = await ws.until(
+            lambda f: f["type"] == "session.activity" and f["last_seq"] == session["last_seq"]
+        )
+        activity = [f for f in seen if f["type"] == "session.activity"]
+        assert [f["last_seq"] for f in activity] == [1, session["last_seq"]]
+        assert activity[-1]["last_message_at"] == ended_at == session["last_message_at"]
+    finally:
+        await ws.close()
 
 
 @pytest.mark.postgres

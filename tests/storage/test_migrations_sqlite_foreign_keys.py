@@ -14,6 +14,7 @@ from alembic import command
 from chathub.storage.migrate import alembic_config, upgrade_async
 
 NOW = "2026-11-29 10:00:00"
+LATER = "2026-11-29 10:00:05"
 
 
 def _counts(path: Path) -> dict[str, int]:
@@ -52,6 +53,10 @@ async def test_downgrade_and_upgrade_keep_the_messages(tmp_path: Path) -> None:
     await upgrade_async(url)
     head = _revision(path)
     _add_session_with_messages(path)
+    with sqlite3.connect(path) as conn:  # m2 answers m1
+        conn.execute(
+            "UPDATE messages SET role = 'assistant', completed_at = ? WHERE id = 'm2'", (LATER,)
+        )
     before = _counts(path)
     assert before == {"teams": 1, "chat_sessions": 1, "messages": 2}
 
@@ -64,6 +69,8 @@ async def test_downgrade_and_upgrade_keep_the_messages(tmp_path: Path) -> None:
     assert _counts(path) == before
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT extracted_until FROM chat_sessions").fetchone() == ("m2",)
+        # 0004: when the session's last reply ended
+        assert conn.execute("SELECT last_message_at FROM chat_sessions").fetchone() == (LATER,)
 
 
 async def test_a_migration_that_leaves_broken_references_rolls_back(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, bindparam, func, insert, or_, select, update
+from sqlalchemy import Row, Table, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -60,6 +60,26 @@ _RAISE_LAST_SEQ = (
     update(_sessions)
     .where(_sessions.c.id == bindparam("session_id"), _sessions.c.last_seq < bindparam("seq"))
     .values(last_seq=bindparam("seq"))
+)
+
+
+_REPLY_ENDED = (
+    update(_sessions)
+    .where(_sessions.c.id == bindparam("session_id"))
+    .values(
+        last_seq=case(
+            (_sessions.c.last_seq < bindparam("seq"), bindparam("seq")),
+            else_=_sessions.c.last_seq,
+        ),
+        last_message_at=case(
+            (
+                _sessions.c.last_message_at.is_(None)
+                | (_sessions.c.last_message_at < bindparam("at")),
+                bindparam("at"),
+            ),
+            else_=_sessions.c.last_message_at,
+        ),
+    )
 )
 
 
@@ -143,6 +163,13 @@ async def delete_session(session: AsyncSession, row: ChatSession) -> None:
 async def set_last_seq(session: AsyncSession, *, session_id: str, seq: int) -> None:
     """Raise ``last_seq`` to ``seq`` (never lowers it)."""
     await session.execute(_RAISE_LAST_SEQ, {"session_id": session_id, "seq": seq})
+
+
+async def reply_ended(session: AsyncSession, *, session_id: str, seq: int, at: datetime) -> None:
+    """A reply of the session ended as its event ``seq``, at ``at``: raise
+    its ``last_seq`` and ``last_message_at`` to them (never lowers either),
+    in one statement."""
+    await session.execute(_REPLY_ENDED, {"session_id": session_id, "seq": seq, "at": at})
 
 
 async def list_messages(
