@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
+from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -72,7 +73,7 @@ from chathub.server.summarizer import HISTORY_LIMIT, SessionSummarizer
 from chathub.storage.blobs import BlobStore
 from chathub.storage.db import backend_unreachable, transaction, while_unreachable
 from chathub.storage.models import File as FileRow
-from chathub.storage.models import utcnow
+from chathub.storage.models import Message, utcnow
 from chathub.storage.repositories import files as files_repo
 from chathub.storage.repositories import modes as modes_repo
 from chathub.storage.repositories import sessions as repo
@@ -777,7 +778,7 @@ class Replies:
 
         async def store(again: bool) -> dict[str, Any] | None:
             async with transaction(self.sessionmaker) as db:
-                finished: Any = await repo.finish_reply_message(
+                finished: Row[Any] | Message | None = await repo.finish_reply_message(
                     db,
                     message_id=run.reply_id,
                     content=text,

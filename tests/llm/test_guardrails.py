@@ -885,15 +885,30 @@ PIECES = [
     "chk_0a1b",
     "AKIA",
 ]
-reference_texts = st.lists(
-    st.one_of(
-        st.text(max_size=8),
-        st.text("aAbkK0189 .-_@:=+()\n'\"\u212a\u017f\u0130\u0131", max_size=8),
-        st.sampled_from(PIECES),
-        st.sampled_from(SEPARATORS),
-    ),
+
+
+def joined(*pieces: st.SearchStrategy[str], max_size: int) -> st.SearchStrategy[str]:
+    """Texts of up to ``max_size`` draws of ``pieces``, one after another."""
+    return st.lists(st.one_of(*pieces), max_size=max_size).map("".join)
+
+
+def token_sizes(longest: int) -> st.SearchStrategy[list[int]]:
+    """How a stream is cut: mostly one to a dozen characters at a time,
+    sometimes up to ``longest``."""
+    return st.lists(
+        st.one_of(st.sampled_from([1, 2, 3]), st.integers(1, 12), st.integers(13, longest)),
+        min_size=1,
+        max_size=8,
+    )
+
+
+reference_texts = joined(
+    st.text(max_size=8),
+    st.text("aAbkK0189 .-_@:=+()\n'\"\u212a\u017f\u0130\u0131", max_size=8),
+    st.sampled_from(PIECES),
+    st.sampled_from(SEPARATORS),
     max_size=20,
-).map("".join)
+)
 
 
 def compare_with_reference(
@@ -961,11 +976,7 @@ def test_one_and_two_character_tokens_give_what_the_reference_gives(
 @PROPERTY
 @given(
     text=reference_texts,
-    sizes=st.lists(
-        st.one_of(st.sampled_from([1, 2, 3]), st.integers(1, 12), st.integers(13, 400)),
-        min_size=1,
-        max_size=8,
-    ),
+    sizes=token_sizes(400),
     which=st.sampled_from(range(len(REFERENCE_POLICIES))),
     gaps=st.lists(st.sampled_from([0.001, 0.02, 0.1, 0.3, 2.0]), min_size=1, max_size=6),
     polls=st.lists(st.booleans(), min_size=1, max_size=4),

@@ -19,6 +19,7 @@ from tests.llm.test_guardrails import (
     SEPARATORS,
     compare_exactly,
     compare_with_reference,
+    joined,
     rules_in,
     stream,
 )
@@ -99,14 +100,12 @@ DOTTED_PIECES = [
     ".",
     "..",
 ]
-dotted_texts = st.lists(
-    st.one_of(
-        st.sampled_from(DOTTED_PIECES),
-        st.sampled_from(SEPARATORS),
-        st.text("0149. -/", max_size=8),
-    ),
+dotted_texts = joined(
+    st.sampled_from(DOTTED_PIECES),
+    st.sampled_from(SEPARATORS),
+    st.text("0149. -/", max_size=8),
     max_size=14,
-).map("".join)
+)
 
 
 @PROPERTY

@@ -19,8 +19,10 @@ from tests.llm.test_guardrails import (
     compare_exactly,
     compare_long_match,
     compare_with_reference,
+    joined,
     rules_in,
     stream,
+    token_sizes,
 )
 
 HEADER = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
@@ -186,24 +188,18 @@ JWT_PIECES = [
     "a@b",
     "4111 1111 1111 1111",
 ]
-jwt_texts = st.lists(
-    st.one_of(
-        st.sampled_from(JWT_PIECES),
-        st.sampled_from(SEPARATORS),
-        st.text("eyJaZ09_-. @\n", max_size=8),
-    ),
+jwt_texts = joined(
+    st.sampled_from(JWT_PIECES),
+    st.sampled_from(SEPARATORS),
+    st.text("eyJaZ09_-. @\n", max_size=8),
     max_size=16,
-).map("".join)
+)
 
 
 @PROPERTY
 @given(
     text=jwt_texts,
-    sizes=st.lists(
-        st.one_of(st.sampled_from([1, 2, 3]), st.integers(1, 12), st.integers(13, 200)),
-        min_size=1,
-        max_size=8,
-    ),
+    sizes=token_sizes(200),
     which=st.sampled_from(range(len(REFERENCE_POLICIES))),
 )
 def test_texts_with_jwts_stream_exactly_as_the_whole_text(
@@ -215,11 +211,7 @@ def test_texts_with_jwts_stream_exactly_as_the_whole_text(
 @PROPERTY
 @given(
     text=jwt_texts,
-    sizes=st.lists(
-        st.one_of(st.sampled_from([1, 2, 3]), st.integers(1, 12), st.integers(13, 200)),
-        min_size=1,
-        max_size=8,
-    ),
+    sizes=token_sizes(200),
     gaps=st.lists(st.sampled_from([0.001, 0.02, 0.1, 0.3, 2.0]), min_size=1, max_size=6),
     polls=st.lists(st.booleans(), min_size=1, max_size=4),
     holdback_ms=st.sampled_from([10.0, 100.0, 250.0, math.inf]),

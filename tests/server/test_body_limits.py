@@ -67,6 +67,19 @@ async def close(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
+async def expect_408(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, says: str) -> None:
+    """The answer is a 408 problem whose detail says ``says``, and the
+    server closes the connection after it."""
+    try:
+        status, headers, body = await read_answer(reader)
+        assert await reader.read() == b""  # and the connection is closed
+    finally:
+        await close(writer)
+    assert status == 408, body
+    assert headers["content-type"] == "application/problem+json"
+    assert body["code"] == "bad_request" and says in body["detail"], body
+
+
 @pytest.mark.parametrize("path", ["/files", "/chat/sessions"])
 async def test_a_json_body_declared_past_the_json_limit_is_refused_before_it_is_sent(
     srv: RunningServer, path: str
@@ -122,14 +135,7 @@ async def test_a_stalled_json_body_is_answered_408(
     reader, writer = await open_request(
         srv, path, {"Content-Type": "application/json", "Content-Length": "100"}, b'{"a": '
     )
-    try:
-        status, headers, body = await read_answer(reader)
-        assert await reader.read() == b""  # and the connection is closed
-    finally:
-        await close(writer)
-    assert status == 408, body
-    assert headers["content-type"] == "application/problem+json"
-    assert body["code"] == "bad_request" and "did not arrive" in body["detail"], body
+    await expect_408(reader, writer, "did not arrive")
 
 
 async def test_uploads_keep_the_upload_limit_and_json_below_the_limit_goes_on(
@@ -198,14 +204,7 @@ async def test_an_upload_that_stalls_is_answered_408_and_stores_nothing(
         },
         multipart_head(boundary) + b"x" * 64 * 1024,
     )
-    try:
-        status, headers, body = await read_answer(reader)
-        assert await reader.read() == b""  # and the connection is closed
-    finally:
-        await close(writer)
-    assert status == 408, body
-    assert headers["content-type"] == "application/problem+json"
-    assert body["code"] == "bad_request" and "stalled" in body["detail"], body
+    await expect_408(reader, writer, "stalled")
     async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
         listed = await http.get("/files", headers=team.owner.headers)
     assert listed.status_code == 200 and listed.json()["items"] == [], listed.text

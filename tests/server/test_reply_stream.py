@@ -21,14 +21,20 @@ TEXT = (
 SECRETS = ("ana.lopez", "7946 0958", "1111 1111", "Zx8QwErTy")
 
 
-def _writer(log: MemorySessionLog, *, coalesce_s: float, coalesce_chars: int = 512) -> DeltaWriter:
+def _writer(
+    log: MemorySessionLog,
+    *,
+    coalesce_s: float,
+    coalesce_chars: int = 512,
+    holdback_ms: float = 250,
+) -> DeltaWriter:
     return DeltaWriter(
         log=log,
         session_id="s1",
         reply_id="r1",
         policy=Policy.default(),
         holdback_chars=128,
-        holdback_ms=250,
+        holdback_ms=holdback_ms,
         coalesce_s=coalesce_s,
         coalesce_chars=coalesce_chars,
     )
@@ -167,16 +173,7 @@ async def test_held_text_is_redacted_when_its_own_hold_back_time_is_up() -> None
             redacted.set_result(loop.time())
 
     log.add_listener(seen)
-    writer = DeltaWriter(
-        log=log,
-        session_id="s1",
-        reply_id="r1",
-        policy=Policy.default(),
-        holdback_chars=128,
-        holdback_ms=1000,
-        coalesce_s=0.0,
-        coalesce_chars=512,
-    )
+    writer = _writer(log, coalesce_s=0.0, holdback_ms=1000)
     await writer.write("Pay wi")  # "wi" is held: no sign of a pattern
     await asyncio.sleep(0.5)
     card_came = loop.time()
